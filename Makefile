@@ -1,0 +1,44 @@
+# deepsqueeze: two commands from a fresh clone — `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Offline machines of this project keep the real datasets beside the repo; elsewhere the
+# canonical mirrors serve (downloaded once into ~/.cache/deepsqueeze, checksums verified).
+ifneq ($(wildcard ../shared/data),)
+export DEEPSQUEEZE_DATA ?= $(abspath ../shared/data)
+endif
+
+.PHONY: demo test install dev lint bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+# torch is installed first, pinned, so that the CPU build of this machine is used.
+$(VENV)/.installed: pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+dev: $(VENV)/.installed-dev
+
+demo: install
+	$(VENV)/bin/deepsqueeze train --model lenet300 --dataset mnist --epochs 3 --out runs/demo-lenet300 --seed 0 $(if $(wildcard runs/demo-lenet300/run.json),--resume,)
+	$(VENV)/bin/deepsqueeze evaluate runs/demo-lenet300/model.pt --dataset mnist
+
+test: dev
+	$(PY) -m pytest -q
+
+lint: dev
+	$(VENV)/bin/ruff check src tests benchmarks
+
+bench: install
+	$(PY) benchmarks/baselines.py
+
+clean:
+	rm -rf runs .pytest_cache

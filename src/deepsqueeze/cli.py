@@ -1,0 +1,136 @@
+"""The ``deepsqueeze`` command line: a thin layer over the Python API."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from deepsqueeze.errors import DeepSqueezeError
+
+app = typer.Typer(
+    name="deepsqueeze",
+    help="Compress trained PyTorch networks into small files, run them, measure them honestly.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+DataDir = Annotated[
+    Path | None,
+    typer.Option("--data-dir", help="Dataset folder (searched first; then $DEEPSQUEEZE_DATA, "
+                 "~/.cache/deepsqueeze, /usr/share/datasets, then download)."),
+]
+Progress = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")]
+
+
+@app.command()
+def train(
+    model: Annotated[str, typer.Option(help="Zoo model name (see `deepsqueeze models`).")] = "lenet5",
+    dataset: Annotated[str, typer.Option(help="Dataset name.")] = "mnist",
+    out: Annotated[Path | None, typer.Option(help="Run folder for checkpoints, log and model.")] = None,
+    epochs: Annotated[float | None, typer.Option(help="Epochs (default: the model's recipe).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Batch size.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
+    optimizer: Annotated[str | None, typer.Option(help="sgd | adam | adamw.")] = None,
+    weight_decay: Annotated[float | None, typer.Option(help="Weight decay.")] = None,
+    lr_schedule: Annotated[str | None, typer.Option(help="cosine | step | constant.")] = None,
+    precision: Annotated[str | None, typer.Option(help="fp32 | bf16 | fp16 (CUDA).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed; same seed, same run.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda.")] = None,
+    subset: Annotated[int | None, typer.Option(help="Train on this many samples only.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out.")] = False,
+    data_dir: DataDir = None,
+    progress: Progress = True,
+) -> None:
+    """Train a zoo model; writes checkpoint.pt every epoch, metrics.jsonl and model.pt."""
+    from deepsqueeze.training import train as run_train
+
+    result = run_train(
+        model, dataset, out=out, resume=resume, epochs=epochs, batch_size=batch_size, lr=lr,
+        optimizer=optimizer, weight_decay=weight_decay, lr_schedule=lr_schedule,
+        precision=precision, seed=seed, device=device, data_dir=data_dir, subset=subset,
+        progress=progress,
+    )
+    fit = result.fit
+    acc = f"{fit.test_accuracy:.2%}" if fit.test_accuracy is not None else "n/a"
+    console.print(f"trained {model} on {dataset}: test accuracy {acc} in {fit.train_time_s:.1f} s")
+    if result.model_path is not None:
+        console.print(f"model written to {result.model_path}")
+
+
+@app.command()
+def evaluate(
+    model_file: Annotated[Path, typer.Argument(help="A model.pt written by `train`.")],
+    dataset: Annotated[str, typer.Option(help="Dataset name.")] = "mnist",
+    split: Annotated[str, typer.Option(help="train | test.")] = "test",
+    subset: Annotated[int | None, typer.Option(help="Evaluate on this many samples only.")] = None,
+    runs: Annotated[int, typer.Option(help="Timed runs for the batch-1 latency median.")] = 50,
+    throughput_batch: Annotated[int, typer.Option(help="Batch size for throughput.")] = 256,
+    speed: Annotated[bool, typer.Option("--speed/--no-speed", help="Measure speed.")] = True,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Also write the numbers to this JSON file.")
+    ] = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Accuracy, loss, parameters, bytes, MACs, latency and throughput of a saved model."""
+    from deepsqueeze.evaluation import evaluate as run_evaluate
+
+    report = run_evaluate(
+        model_file, dataset, split=split, data_dir=data_dir, subset=subset,
+        measure_speed=speed, latency_runs=runs, throughput_batch=throughput_batch,
+    )
+    console.print(report.table())
+    if json_out is not None:
+        from deepsqueeze.io import atomic_write
+
+        with atomic_write(json_out, "w") as handle:
+            json.dump(report.to_dict(), handle, indent=2)
+        console.print(f"numbers written to {json_out}")
+
+
+@app.command("models")
+def list_models() -> None:
+    """List the model zoo."""
+    from deepsqueeze import models
+
+    table = Table(title="deepsqueeze model zoo")
+    for col in ("name", "input (C,H,W)", "description"):
+        table.add_column(col)
+    for name in models.list_models():
+        info = models.model_info(name)
+        table.add_row(name, str(tuple(info.input_shape)), info.description)
+    console.print(table)
+
+
+@app.command("datasets")
+def list_datasets(data_dir: DataDir = None) -> None:
+    """List the supported datasets and where each is found."""
+    from deepsqueeze.data import DATASETS, find_dataset_dir
+
+    table = Table(title="datasets")
+    for col in ("name", "classes", "image (C,H,W)", "found at"):
+        table.add_column(col)
+    for name, info in DATASETS.items():
+        try:
+            where = str(find_dataset_dir(name, data_dir))
+        except DeepSqueezeError:
+            where = "not found (downloaded on first use when online)"
+        table.add_row(name, str(info.num_classes), str(tuple(info.image_shape)), where)
+    console.print(table)
+
+
+def main() -> None:
+    """Entry point: run the app; deepsqueeze errors print one clear line, no traceback."""
+    try:
+        app()
+    except DeepSqueezeError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)

@@ -1,0 +1,156 @@
+"""What every compression method shares: layer selection, parameters, a registry.
+
+A method is a named, configurable transform of selected layers, scikit-learn style:
+``method = METHODS["prune"](sparsity=0.9)``; ``method.apply(model, layers)`` puts the model in
+its *training form* (parametrizations of ``weight`` such as masks or codebooks, or module
+replacement where shapes change); ``method.step_hooks()`` returns hooks the fine-tuning loop calls
+after every optimizer step (sparsity schedules); ``method.finalize(model)`` runs once after
+fine-tuning. Methods compose by applying them one after another (prune → share).
+
+How a compressed weight is *stored* is decided from the weight itself when the model is saved
+(zeros → sparse positions, few distinct values → codebook indices); a method whose result cannot
+be seen in the values (hashing, low-rank factors, packed bits) attaches its own encoder.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+from torch import nn
+
+from deepsqueeze.errors import ModelError, RecipeError
+from deepsqueeze.training.loop import StepHook
+
+LAYER_TYPES: dict[str, type[nn.Module]] = {"Linear": nn.Linear, "Conv2d": nn.Conv2d}
+"""Layer types a selector may name (``type:Linear``)."""
+
+
+class MethodParams(BaseModel):
+    """Base of every method's parameter model: unknown fields are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+def select_layers(
+    model: nn.Module,
+    patterns: Sequence[str] | None = None,
+    supported: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d),
+) -> dict[str, nn.Module]:
+    """Modules of ``model`` chosen by name globs (``fc*``, ``layer1.*.conv1``) or ``type:Conv2d``.
+
+    ``None`` or ``["*"]`` selects every supported layer. A pattern that matches nothing, or a
+    matched module of an unsupported type, is an error naming what exists.
+    """
+    named = {name: mod for name, mod in model.named_modules() if name}
+    candidates = {name: mod for name, mod in named.items() if isinstance(mod, supported)}
+    if not patterns:
+        return candidates
+    chosen: dict[str, nn.Module] = {}
+    for pattern in patterns:
+        if pattern.startswith("type:"):
+            kind = LAYER_TYPES.get(pattern[5:])
+            if kind is None:
+                raise ModelError(f"unknown layer type {pattern!r}; known: "
+                                 f"{', '.join('type:' + k for k in LAYER_TYPES)}")
+            hits = {n: m for n, m in candidates.items() if isinstance(m, kind)}
+        else:
+            hits = {n: m for n, m in named.items() if fnmatch.fnmatchcase(n, pattern)}
+            if pattern == "*":
+                hits = dict(candidates)
+            bad = [n for n, m in hits.items() if not isinstance(m, supported)]
+            hits = {n: m for n, m in hits.items() if isinstance(m, supported)}
+            if bad and not hits:
+                raise ModelError(
+                    f"layer pattern {pattern!r} matches {bad} of types "
+                    f"{sorted({type(named[n]).__name__ for n in bad})}, which this method cannot "
+                    f"handle; supported: {sorted(t.__name__ for t in supported)}"
+                )
+        if not hits:
+            raise ModelError(
+                f"layer pattern {pattern!r} matches no layer; layers: {', '.join(candidates)}"
+            )
+        chosen.update(hits)
+    return chosen
+
+
+class Method(ABC):
+    """A compression method. Subclasses set ``name``, ``Params`` and implement ``apply``."""
+
+    name: ClassVar[str]
+    Params: ClassVar[type[MethodParams]] = MethodParams
+    supported: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear, nn.Conv2d)
+
+    def __init__(self, **params: Any) -> None:
+        try:
+            self.params = self.Params(**params)
+        except ValidationError as exc:
+            raise RecipeError(_validation_message(f"method {self.name!r}", exc)) from exc
+
+    @abstractmethod
+    def apply(self, model: nn.Module, layers: dict[str, nn.Module]) -> None:
+        """Put ``layers`` of ``model`` into this method's training form (in place)."""
+
+    def step_hooks(self) -> list[StepHook]:
+        """Hooks for the fine-tuning loop (e.g. a sparsity schedule); none by default."""
+        return []
+
+    def finalize(self, model: nn.Module) -> None:
+        """Called once after fine-tuning; nothing by default."""
+
+    def summary(self) -> dict[str, Any]:
+        """The method and its parameters, for manifests and reports."""
+        return {"method": self.name, **self.params.model_dump()}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.params.model_dump().items())
+        return f"{type(self).__name__}({args})"
+
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator adding a method to :data:`METHODS` under ``cls.name``."""
+    if cls.name in METHODS:
+        raise ValueError(f"method {cls.name!r} registered twice")
+    METHODS[cls.name] = cls
+    return cls
+
+
+def create_method(name: str, **params: Any) -> Method:
+    """Instantiate a registered method by name with validated parameters."""
+    if name not in METHODS:
+        raise RecipeError(f"unknown method {name!r}; known: {', '.join(sorted(METHODS))}")
+    return METHODS[name](**params)
+
+
+def _validation_message(where: str, exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(root)"
+        parts.append(f"{loc}: {err['msg']}")
+    return f"invalid parameters for {where}: " + "; ".join(parts)
+
+
+def per_layer(value: float | int | dict[str, Any], names: Iterable[str], what: str) -> dict[str, Any]:
+    """Expand a scalar or a ``{glob: value}`` mapping to one value per layer name.
+
+    In a mapping, the most specific (longest) matching glob wins; ``"*"`` gives a default.
+    """
+    names = list(names)
+    if not isinstance(value, dict):
+        return dict.fromkeys(names, value)
+    out: dict[str, Any] = {}
+    for name in names:
+        matches = [g for g in value if fnmatch.fnmatchcase(name, g)]
+        if not matches:
+            raise RecipeError(f"{what}: no value for layer {name!r} (add it or a '*' default)")
+        out[name] = value[max(matches, key=len)]
+    unused = [g for g in value if not any(fnmatch.fnmatchcase(n, g) for n in names)]
+    if unused:
+        raise RecipeError(f"{what}: {unused} match no selected layer; layers: {names}")
+    return out

@@ -1,0 +1,162 @@
+"""``train()``: build a zoo model for a dataset, fit it, and write the run folder.
+
+A run folder holds ``run.json`` (what was asked), ``checkpoint.pt`` (after every epoch),
+``metrics.jsonl`` (one line per epoch) and ``model.pt`` (the final model).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from deepsqueeze import models
+from deepsqueeze.data import ImageDataset, load_dataset
+from deepsqueeze.errors import DeepSqueezeError, ModelError
+from deepsqueeze.io import atomic_write, save_model
+from deepsqueeze.training.loop import CHECKPOINT_NAME, FitResult, TrainConfig, fit
+
+RUN_NAME = "run.json"
+MODEL_NAME = "model.pt"
+
+# Recipes that reach the documented baselines (benchmarks/baselines.py measures them).
+RECOMMENDED: dict[str, dict[str, Any]] = {
+    "lenet300": {"epochs": 20, "lr": 0.1, "weight_decay": 1e-4, "batch_size": 128},
+    "lenet5": {"epochs": 12, "lr": 0.05, "weight_decay": 5e-4, "batch_size": 128},
+    "lenet5-classic": {"epochs": 15, "lr": 0.05, "weight_decay": 5e-4, "batch_size": 128},
+}
+
+
+@dataclass
+class TrainResult:
+    """The trained model, its history and where its files are."""
+
+    model: nn.Module
+    fit: FitResult
+    out_dir: Path | None
+    model_path: Path | None
+
+
+def model_kwargs_for(name: str, dataset: ImageDataset, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Fill ``in_channels``/``num_classes``/``input_size`` from the dataset where the model has them."""
+    accepted = set(models.model_info(name).default_kwargs)
+    derived = {
+        "in_channels": dataset.input_shape[0],
+        "num_classes": dataset.num_classes,
+        "input_size": dataset.input_shape[1],
+        "in_features": dataset.input_shape[0] * dataset.input_shape[1] * dataset.input_shape[2],
+    }
+    kwargs = {k: v for k, v in derived.items() if k in accepted}
+    kwargs.update(overrides)
+    return kwargs
+
+
+def check_fits(model: nn.Module, dataset: ImageDataset) -> None:
+    """Raise a clear error when the dataset's images or classes do not fit the model."""
+    expected = tuple(models.input_shape_of(model))
+    if expected != tuple(dataset.input_shape):
+        raise ModelError(
+            f"model {models.spec_of(model).name} expects inputs of shape {expected} but "
+            f"{dataset.name} has images of shape {tuple(dataset.input_shape)}; build the model "
+            "for this dataset (train does this for you) or pick a matching dataset"
+        )
+
+
+def _config_from(options: dict[str, Any], model_name: str) -> TrainConfig:
+    merged = {**RECOMMENDED.get(model_name, {}), **{k: v for k, v in options.items() if v is not None}}
+    fields = set(TrainConfig.model_fields)
+    unknown = set(merged) - fields
+    if unknown:
+        raise DeepSqueezeError(f"unknown training options {sorted(unknown)}; known: {sorted(fields)}")
+    return TrainConfig(**merged)
+
+
+def train(
+    model: str = "lenet5",
+    dataset: str = "mnist",
+    *,
+    out: str | Path | None = None,
+    resume: bool = False,
+    epochs: float | None = None,
+    batch_size: int | None = None,
+    lr: float | None = None,
+    optimizer: str | None = None,
+    weight_decay: float | None = None,
+    lr_schedule: str | None = None,
+    precision: str | None = None,
+    seed: int | None = None,
+    device: str | None = None,
+    data_dir: str | Path | None = None,
+    subset: int | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train zoo model ``model`` on ``dataset`` and, with ``out``, write a run folder.
+
+    Options left as ``None`` take the model's recommended value (see ``RECOMMENDED``), then the
+    ``TrainConfig`` default. ``resume=True`` continues the run in ``out`` from its last epoch
+    checkpoint with the options recorded in ``out/run.json`` (``epochs`` may be raised).
+    """
+    options = {
+        "epochs": epochs, "batch_size": batch_size, "lr": lr, "optimizer": optimizer,
+        "weight_decay": weight_decay, "lr_schedule": lr_schedule, "precision": precision,
+        "seed": seed, "device": device,
+    }
+    out_dir = Path(out) if out is not None else None
+    run_file = out_dir / RUN_NAME if out_dir is not None else None
+    if resume:
+        if run_file is None or not run_file.exists():
+            raise DeepSqueezeError(
+                f"--resume needs a run folder with {RUN_NAME}; none found in {out_dir}"
+            )
+        recorded = json.loads(run_file.read_text())
+        model, dataset = recorded["model"], recorded["dataset"]
+        subset, model_kwargs = recorded.get("subset"), recorded.get("model_kwargs")
+        options = {**recorded["config"], **({"epochs": epochs} if epochs is not None else {})}
+    elif out_dir is not None and (out_dir / CHECKPOINT_NAME).exists():
+        raise DeepSqueezeError(
+            f"{out_dir} already holds a run; pass --resume to continue it or choose another --out"
+        )
+    if not isinstance(model, str):
+        raise ModelError("train() takes a zoo model name; for your own nn.Module use training.fit")
+    cfg = _config_from(options, model)
+
+    train_set = load_dataset(dataset, "train", data_dir=data_dir)
+    test_set = load_dataset(dataset, "test", data_dir=data_dir)
+    if subset:
+        train_set = train_set.subset(subset, seed=cfg.seed)
+    kwargs = model_kwargs_for(model, train_set, model_kwargs or {})
+    _seed_everything(cfg.seed)
+    net = models.create(model, **kwargs)
+    check_fits(net, train_set)
+
+    if out_dir is not None and not resume:
+        with atomic_write(run_file, "w") as handle:
+            json.dump({"model": model, "dataset": dataset, "subset": subset,
+                       "model_kwargs": model_kwargs, "config": cfg.model_dump()}, handle, indent=2)
+    result = fit(net, train_set, cfg, test_set=test_set, out_dir=out_dir, resume=resume,
+                 progress=progress, description=f"{model}/{dataset}")
+    model_path = None
+    if out_dir is not None:
+        model_path = save_model(
+            net.cpu(), out_dir / MODEL_NAME, dataset=dataset,
+            metrics=json.dumps({"test_accuracy": result.test_accuracy,
+                                "test_loss": result.test_loss,
+                                "epochs": result.epochs_completed}),
+        )
+    return TrainResult(model=net.cpu(), fit=result, out_dir=out_dir, model_path=model_path)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+__all__ = ["RECOMMENDED", "TrainResult", "check_fits", "model_kwargs_for", "train"]

@@ -1,0 +1,23 @@
+"""Shared test setup: find the real datasets and keep tests on one thread-light CPU."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+_default = REPO.parent / "shared" / "data"
+if "DEEPSQUEEZE_DATA" not in os.environ and _default.is_dir():
+    os.environ["DEEPSQUEEZE_DATA"] = str(_default)
+DATA_DIR = Path(os.environ["DEEPSQUEEZE_DATA"]) if "DEEPSQUEEZE_DATA" in os.environ else None
+
+
+def have_mnist() -> bool:
+    return DATA_DIR is not None and (DATA_DIR / "mnist").is_dir()
+
+
+needs_mnist = pytest.mark.skipif(
+    not have_mnist(), reason="MNIST not found: set DEEPSQUEEZE_DATA to a folder holding mnist/"
+)
