@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import tempfile
 import urllib.request
@@ -100,16 +99,18 @@ def download_file(spec: FileSpec, mirrors: Sequence[str], dest_dir: Path) -> Pat
 def download_files(specs: Sequence[FileSpec], mirrors: Sequence[str], dest_dir: Path) -> None:
     """Download each of ``specs`` not already in ``dest_dir``.
 
-    On failure, ``dest_dir`` is removed again if this call created it and it is still empty.
+    On failure, the folders this call created are removed again if they are still empty.
     """
-    created = not dest_dir.exists()
+    created = [d for d in (dest_dir, *dest_dir.parents) if not d.exists()]
     try:
         for spec in specs:
             if (dest_dir / spec.filename).is_file():
                 continue
             download_file(spec, mirrors, dest_dir)
     except DownloadError:
-        if created:
-            with contextlib.suppress(OSError):  # not empty: keep the verified files
-                dest_dir.rmdir()
+        for folder in created:  # deepest first
+            try:
+                folder.rmdir()
+            except OSError:  # not empty: keep the verified files
+                break
         raise
