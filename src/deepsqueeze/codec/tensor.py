@@ -1,0 +1,228 @@
+"""Store one tensor in the fewest bytes its values allow, losslessly.
+
+The compressed form of a weight is visible in its values: pruning leaves zeros, weight sharing
+leaves few distinct values. So the encoder does not need to know which method produced a tensor:
+it builds every applicable encoding and keeps the smallest (the real byte count decides):
+
+- ``dense``: the raw little-endian values;
+- ``codebook``: a codebook of the distinct values + one index per element;
+- ``sparse``: relative indices of the nonzero positions (Deep Compression's gaps with fillers)
+  + the raw nonzero values;
+- ``sparse-codebook``: relative indices + one codebook index per stored entry (Deep Compression).
+
+Index streams are Huffman-coded when that is smaller than fixed-width packing. The relative index
+always ends at the tensor's last element (stored as a zero if it is zero), so the decoder knows
+the tensor is fully covered and can bound its allocation by the entries it actually read.
+Methods whose result is not visible in the values (hashing, packed bits) bring their own encoder.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from deepsqueeze.codec.bits import pack_bits, unpack_bits
+from deepsqueeze.codec.huffman import huffman_decode, huffman_encode
+from deepsqueeze.codec.sparse import best_index_bits, relative_index_decode, relative_index_encode
+from deepsqueeze.errors import DsqFormatError
+
+ENCODINGS = ("dense", "codebook", "sparse", "sparse-codebook")
+MAX_CODEBOOK = 1 << 16
+MAX_INDEX_BITS = 16
+DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "int64": np.dtype("<i8")}
+
+
+@dataclass(frozen=True)
+class EncodedTensor:
+    """A tensor's manifest entry and its sections (section name → bytes)."""
+
+    entry: dict[str, Any]
+    sections: dict[str, bytes]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(len(b) for b in self.sections.values())
+
+
+def _code_indices(symbols: np.ndarray, bits: int, huffman: bool) -> tuple[bytes, str]:
+    """The smaller of Huffman and fixed-width packing of an index stream."""
+    fixed = pack_bits(symbols, bits) if symbols.size else b""
+    if huffman and symbols.size:
+        coded = huffman_encode(symbols)
+        if len(coded) < len(fixed):
+            return coded, "huffman"
+    return fixed, "fixed"
+
+
+def _decode_indices(data: bytes, coding: str, bits: int, count: int, what: str) -> np.ndarray:
+    if coding == "huffman":
+        out = huffman_decode(data)
+        if out.size != count:
+            raise DsqFormatError(f"{what}: {out.size} symbols decoded, expected {count}")
+        return out
+    if coding == "fixed":
+        return unpack_bits(data, bits, count)
+    raise DsqFormatError(f"{what}: unknown index coding {coding!r}")
+
+
+def _bits_for(n_symbols: int) -> int:
+    return max(1, math.ceil(math.log2(max(n_symbols, 2))))
+
+
+def encode_tensor(
+    name: str,
+    tensor: torch.Tensor,
+    *,
+    huffman: bool = True,
+    index_bits: int | str = "auto",
+    codebook_dtype: str = "float32",
+    dense_dtype: str = "float32",
+) -> EncodedTensor:
+    """Encode ``tensor`` (floating point) under section names prefixed by ``name``."""
+    t = tensor.detach().cpu()
+    if not torch.is_floating_point(t):
+        raw = t.numpy().astype(DTYPES["int64"]).tobytes()
+        return EncodedTensor(
+            {"name": name, "shape": list(t.shape), "encoding": "dense", "dtype": "int64"},
+            {f"{name}:data": raw},
+        )
+    values = t.float().reshape(-1).numpy()
+    shape = list(t.shape)
+    base = {"name": name, "shape": shape}
+    candidates: list[EncodedTensor] = []
+
+    candidates.append(EncodedTensor(
+        {**base, "encoding": "dense", "dtype": dense_dtype},
+        {f"{name}:data": values.astype(DTYPES[dense_dtype]).tobytes()},
+    ))
+    distinct, inverse = np.unique(values, return_inverse=True)
+    exact_codebook = codebook_dtype == "float32" or dense_dtype == "float16"
+    if distinct.size <= MAX_CODEBOOK and distinct.size < values.size // 2 and exact_codebook:
+        bits = _bits_for(distinct.size)
+        coded, coding = _code_indices(inverse, bits, huffman)
+        candidates.append(EncodedTensor(
+            {**base, "encoding": "codebook", "codebook_size": int(distinct.size),
+             "value_bits": bits, "value_coding": coding, "dtype": codebook_dtype},
+            {f"{name}:codebook": distinct.astype(DTYPES[codebook_dtype]).tobytes(),
+             f"{name}:values": coded},
+        ))
+    nonzero = np.flatnonzero(values)
+    if nonzero.size < values.size // 2:
+        positions = nonzero
+        if values.size and (positions.size == 0 or positions[-1] != values.size - 1):
+            positions = np.append(positions, values.size - 1)  # cover the whole tensor
+        if index_bits == "auto":
+            ib = best_index_bits(positions, values.size, range(1, MAX_INDEX_BITS + 1),
+                                 cost="huffman" if huffman else "fixed", value_bits=5.0)
+        else:
+            ib = int(index_bits)
+        gaps, _ = relative_index_encode(positions, ib)
+        entry_pos = np.cumsum(gaps + 1) - 1
+        entry_vals = values[entry_pos]  # fillers and a zero last element read as 0.0
+        gap_bytes, gap_coding = _code_indices(gaps, ib, huffman)
+        sparse_base = {**base, "index_bits": ib, "entries": int(gaps.size),
+                       "index_coding": gap_coding}
+        candidates.append(EncodedTensor(
+            {**sparse_base, "encoding": "sparse", "dtype": dense_dtype},
+            {f"{name}:index": gap_bytes,
+             f"{name}:values": entry_vals.astype(DTYPES[dense_dtype]).tobytes()},
+        ))
+        nz_distinct = np.unique(values[nonzero])
+        if nz_distinct.size <= MAX_CODEBOOK - 1 and exact_codebook:
+            # symbols 0..K-1 are the codebook, symbol K is the zero of fillers
+            symbols = np.searchsorted(nz_distinct, entry_vals)
+            symbols[entry_vals == 0] = nz_distinct.size
+            bits = _bits_for(nz_distinct.size + 1)
+            coded, coding = _code_indices(symbols, bits, huffman)
+            candidates.append(EncodedTensor(
+                {**sparse_base, "encoding": "sparse-codebook", "codebook_size":
+                 int(nz_distinct.size), "value_bits": bits, "value_coding": coding,
+                 "dtype": codebook_dtype},
+                {f"{name}:index": gap_bytes,
+                 f"{name}:codebook": nz_distinct.astype(DTYPES[codebook_dtype]).tobytes(),
+                 f"{name}:values": coded},
+            ))
+    return min(candidates, key=lambda c: c.nbytes)
+
+
+def _field(entry: dict[str, Any], key: str, kind: type, name: str) -> Any:
+    value = entry.get(key)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise DsqFormatError(f"tensor {name}: field {key!r} missing or not a {kind.__name__}")
+    return value
+
+
+def _section(sections: dict[str, bytes], key: str) -> bytes:
+    if key not in sections:
+        raise DsqFormatError(f"section {key!r} is missing")
+    return sections[key]
+
+
+def _floats(data: bytes, dtype_name: str, count: int | None, what: str) -> np.ndarray:
+    if dtype_name not in DTYPES:
+        raise DsqFormatError(f"{what}: unknown dtype {dtype_name!r}")
+    dtype = DTYPES[dtype_name]
+    if len(data) % dtype.itemsize or (count is not None and len(data) != count * dtype.itemsize):
+        raise DsqFormatError(
+            f"{what}: {len(data)} bytes do not hold "
+            f"{'a whole number of' if count is None else count} {dtype_name} values"
+        )
+    return np.frombuffer(data, dtype=dtype)
+
+
+def decode_tensor(
+    entry: dict[str, Any], sections: dict[str, bytes], max_elements: int = 1 << 28
+) -> torch.Tensor:
+    """Rebuild a tensor from its manifest entry; every inconsistency raises DsqFormatError."""
+    name = _field(entry, "name", str, "?")
+    shape = _field(entry, "shape", list, name)
+    if not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d for d in shape):
+        raise DsqFormatError(f"tensor {name}: bad shape {shape}")
+    total = math.prod(shape)
+    if total > max_elements:
+        raise DsqFormatError(f"tensor {name}: {total} elements exceeds the limit {max_elements}")
+    encoding = _field(entry, "encoding", str, name)
+    dtype = _field(entry, "dtype", str, name)
+    if encoding == "dense":
+        flat = _floats(_section(sections, f"{name}:data"), dtype, total, name)
+        out = flat.astype(np.int64 if dtype == "int64" else np.float32)
+        return torch.from_numpy(out.copy()).reshape(shape)
+    if encoding not in ENCODINGS:
+        raise DsqFormatError(f"tensor {name}: unknown encoding {encoding!r}; known: {ENCODINGS}")
+    if encoding == "codebook":
+        size = _field(entry, "codebook_size", int, name)
+        codebook = _floats(_section(sections, f"{name}:codebook"), dtype, size, name)
+        symbols = _decode_indices(_section(sections, f"{name}:values"), entry.get("value_coding"),
+                                  _field(entry, "value_bits", int, name), total, name)
+        if symbols.size and int(symbols.max()) >= size:
+            raise DsqFormatError(f"tensor {name}: codebook index out of range")
+        return torch.from_numpy(codebook.astype(np.float32)[symbols]).reshape(shape)
+    ib = _field(entry, "index_bits", int, name)
+    entries = _field(entry, "entries", int, name)
+    if not 1 <= ib <= MAX_INDEX_BITS or entries > 8 * len(sections.get(f"{name}:index", b"")) + 1:
+        raise DsqFormatError(f"tensor {name}: index_bits {ib} or entry count {entries} invalid")
+    if total > entries * (1 << ib):
+        raise DsqFormatError(f"tensor {name}: {entries} entries cannot cover {total} elements")
+    gaps = _decode_indices(_section(sections, f"{name}:index"), entry.get("index_coding"), ib,
+                           entries, name)
+    positions = relative_index_decode(gaps, total, ib)
+    if entries and int(positions[-1]) != total - 1:
+        raise DsqFormatError(f"tensor {name}: relative index does not end at the last element")
+    if encoding == "sparse":
+        vals = _floats(_section(sections, f"{name}:values"), dtype, entries, name)
+        vals = vals.astype(np.float32)
+    else:
+        size = _field(entry, "codebook_size", int, name)
+        codebook = _floats(_section(sections, f"{name}:codebook"), dtype, size, name)
+        symbols = _decode_indices(_section(sections, f"{name}:values"), entry.get("value_coding"),
+                                  _field(entry, "value_bits", int, name), entries, name)
+        if symbols.size and int(symbols.max()) > size:
+            raise DsqFormatError(f"tensor {name}: codebook index out of range")
+        vals = np.append(codebook.astype(np.float32), np.float32(0))[symbols]
+    out = np.zeros(total, np.float32)
+    out[positions] = vals
+    return torch.from_numpy(out).reshape(shape)

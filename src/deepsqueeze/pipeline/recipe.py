@@ -1,0 +1,128 @@
+"""Compression recipes: YAML files validated into a list of stages plus encoding options.
+
+Example (``recipes/deep-compression-lenet300.yaml``)::
+
+    name: deep-compression-lenet300
+    model: lenet300
+    dataset: mnist
+    stages:
+      - method: prune
+        params: {sparsity: {fc1: 0.92, fc2: 0.91, fc3: 0.74}}
+        finetune: {epochs: 6, lr: 0.01}
+      - method: share
+        params: {bits: 5}
+        finetune: {epochs: 2, lr: 0.001}
+    encode: {huffman: true, index_bits: auto}
+
+Every error names the field that is wrong (``stages.1.finetune.lr: ...``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from deepsqueeze.errors import RecipeError
+from deepsqueeze.methods.base import METHODS, Method, create_method
+from deepsqueeze.training.loop import TrainConfig
+
+
+class EncodeOptions(BaseModel):
+    """How tensors are written into the .dsq file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    huffman: bool = Field(True, description="Huffman-code indices and gaps when that is smaller")
+    index_bits: int | Literal["auto"] = Field(
+        "auto", description="bits per relative index of sparse positions; auto picks the smallest"
+    )
+    codebook_dtype: Literal["float32", "float16"] = "float32"
+    dense_dtype: Literal["float32", "float16"] = Field(
+        "float32", description="dtype of tensors stored densely (biases, BatchNorm)"
+    )
+
+
+class Stage(BaseModel):
+    """One compression step: a method with parameters, then optional fine-tuning."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: str
+    name: str | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+    finetune: TrainConfig | None = None
+
+    def build(self, index: int) -> Method:
+        """Instantiate this stage's method; errors are prefixed with the stage's location."""
+        if self.method not in METHODS:
+            raise RecipeError(
+                f"stages.{index}.method: unknown method {self.method!r}; "
+                f"known: {', '.join(sorted(METHODS))}"
+            )
+        try:
+            return create_method(self.method, **self.params)
+        except RecipeError as exc:
+            raise RecipeError(f"stages.{index}.params: {exc}") from exc
+
+    @property
+    def label(self) -> str:
+        return self.name or self.method
+
+
+class Recipe(BaseModel):
+    """A validated compression recipe."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = "recipe"
+    model: str | None = Field(None, description="zoo model this recipe is written for (checked)")
+    dataset: str | None = Field(None, description="default fine-tuning/evaluation dataset")
+    seed: int = 0
+    stages: list[Stage] = Field(min_length=1)
+    encode: EncodeOptions = Field(default_factory=EncodeOptions)
+
+    def methods(self) -> list[Method]:
+        """Instantiate (and so validate) every stage's method."""
+        return [stage.build(i) for i, stage in enumerate(self.stages)]
+
+
+def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
+    """Validate a mapping into a :class:`Recipe` (method parameters included)."""
+    if data is None or data == {}:
+        raise RecipeError(f"{source}: the recipe is empty; it needs at least a 'stages' list")
+    if not isinstance(data, dict):
+        raise RecipeError(
+            f"{source}: a recipe must be a mapping with a 'stages' list, got {type(data).__name__}"
+        )
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        msgs = []
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err["loc"]) or "(root)"
+            msgs.append(f"{loc}: {err['msg']}")
+        raise RecipeError(f"{source}: " + "; ".join(msgs)) from exc
+    try:
+        recipe.methods()
+    except RecipeError as exc:
+        raise RecipeError(f"{source}: {exc}") from exc
+    return recipe
+
+
+def load_recipe(recipe: str | Path | dict[str, Any] | Recipe) -> Recipe:
+    """A recipe from a YAML file path, a mapping, or a Recipe (returned as is)."""
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, dict):
+        return parse_recipe(recipe)
+    path = Path(recipe)
+    if not path.is_file():
+        raise RecipeError(f"recipe file {path} not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: not valid YAML: {exc}") from exc
+    return parse_recipe(data, str(path))
