@@ -6,6 +6,11 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+
+# One thread per test process: the CI machine has 2 cores, and oversubscribed BLAS threads make
+# small-model tests many times slower.
+torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 _default = REPO.parent / "shared" / "data"

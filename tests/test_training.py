@@ -41,8 +41,9 @@ def test_fp16_on_cpu_is_refused_with_advice():
 
 @needs_mnist
 def test_one_epoch_on_a_subset_beats_chance_clearly(tmp_path):
-    result = deepsqueeze.train("lenet300", "mnist", epochs=1, subset=4000, out=tmp_path / "run",
-                               progress=False)
+    result = deepsqueeze.train(
+        "lenet300", "mnist", epochs=1, subset=4000, out=tmp_path / "run", progress=False
+    )
     assert result.fit.test_accuracy > 0.85  # chance is 0.10
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 1 and json.loads(lines[0])["epoch"] == 1
@@ -64,6 +65,7 @@ def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, monkeypatc
         def boom(step, _model):
             if step == 2 * 15 + 4:  # mid third epoch (15 steps per epoch)
                 raise KeyboardInterrupt
+
         return real_fit(*args, **kwargs, step_hooks=[boom])
 
     monkeypatch.setattr("deepsqueeze.training.run.fit", interrupted_fit)
@@ -72,11 +74,13 @@ def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, monkeypatc
     monkeypatch.setattr("deepsqueeze.training.run.fit", real_fit)
     ckpt = safe_load(tmp_path / "cut" / "checkpoint.pt")
     assert ckpt["epoch"] == 2
-    resumed = deepsqueeze.train("lenet300", "mnist", out=tmp_path / "cut", resume=True,
-                                progress=False)
+    resumed = deepsqueeze.train(
+        "lenet300", "mnist", out=tmp_path / "cut", resume=True, progress=False
+    )
     assert resumed.fit.resumed_from_epoch == 2
-    for (name, a), (_, b) in zip(full.model.state_dict().items(),
-                                 resumed.model.state_dict().items()):
+    for (name, a), (_, b) in zip(
+        full.model.state_dict().items(), resumed.model.state_dict().items(), strict=False
+    ):
         assert torch.equal(a, b), name
 
 
@@ -84,23 +88,25 @@ def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, monkeypatc
 def test_existing_run_is_not_overwritten_without_resume(tmp_path):
     deepsqueeze.train("lenet300", "mnist", epochs=0.1, subset=500, out=tmp_path, progress=False)
     with pytest.raises(DeepSqueezeError, match="--resume"):
-        deepsqueeze.train("lenet300", "mnist", epochs=0.1, subset=500, out=tmp_path,
-                          progress=False)
+        deepsqueeze.train("lenet300", "mnist", epochs=0.1, subset=500, out=tmp_path, progress=False)
 
 
 @needs_mnist
 def test_bf16_training_runs_and_learns():
-    result = deepsqueeze.train("lenet5", "mnist", epochs=1, subset=1000, precision="bf16",
-                               progress=False, batch_size=50)
+    result = deepsqueeze.train(
+        "lenet5", "mnist", epochs=1, subset=1000, precision="bf16", progress=False, batch_size=50
+    )
     assert result.fit.test_accuracy > 0.5
 
 
 @needs_mnist
 def test_evaluate_reports_every_number(tmp_path):
-    run = deepsqueeze.train("lenet300", "mnist", epochs=0.5, subset=2000, out=tmp_path,
-                            progress=False)
-    report = deepsqueeze.evaluate(run.model_path, "mnist", subset=500, latency_runs=5,
-                                  throughput_runs=2)
+    run = deepsqueeze.train(
+        "lenet300", "mnist", epochs=0.5, subset=2000, out=tmp_path, progress=False
+    )
+    report = deepsqueeze.evaluate(
+        run.model_path, "mnist", subset=500, latency_runs=5, throughput_runs=2
+    )
     d = report.to_dict()
     assert d["samples"] == 500 and 0.5 < d["top1_accuracy"] <= 1
     assert d["parameters"] == 266_610 and d["weights_bytes_fp32"] == 4 * 266_610

@@ -6,17 +6,24 @@ Public API::
     result = deepsqueeze.train("lenet5", "mnist", epochs=5, out="runs/lenet5")
     report = deepsqueeze.evaluate("runs/lenet5/model.pt", "mnist")
     net = deepsqueeze.models.create("lenet300")
+    result = deepsqueeze.compress("runs/lenet5/model.pt", "recipes/deep-compression-lenet5.yaml",
+                                  out="lenet5.dsq")
+    small = deepsqueeze.load("lenet5.dsq")        # runs from the file's weights
+    print(deepsqueeze.inspect("lenet5.dsq").compression)
 """
 
 from deepsqueeze import models
+from deepsqueeze.dsq import FileReport, inspect, load, save
 from deepsqueeze.errors import DeepSqueezeError
 from deepsqueeze.evaluation import EvalReport, evaluate
 from deepsqueeze.io import load_model, save_model
+from deepsqueeze.pipeline import CompressResult, Recipe, compress, load_recipe
 from deepsqueeze.training import TrainConfig, fit, train
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "DeepSqueezeError", "EvalReport", "TrainConfig", "evaluate", "fit", "load_model", "models",
-    "save_model", "train",
+    "CompressResult", "DeepSqueezeError", "EvalReport", "FileReport", "Recipe", "TrainConfig",
+    "compress", "evaluate", "fit", "inspect", "load", "load_model", "load_recipe", "models",
+    "save", "save_model", "train",
 ]

@@ -68,7 +68,7 @@ def train(
 
 @app.command()
 def evaluate(
-    model_file: Annotated[Path, typer.Argument(help="A model.pt written by `train`.")],
+    model_file: Annotated[Path, typer.Argument(help="A model.pt (from `train`) or a .dsq file.")],
     dataset: Annotated[str, typer.Option(help="Dataset name.")] = "mnist",
     split: Annotated[str, typer.Option(help="train | test.")] = "test",
     subset: Annotated[int | None, typer.Option(help="Evaluate on this many samples only.")] = None,
@@ -94,6 +94,65 @@ def evaluate(
         with atomic_write(json_out, "w") as handle:
             json.dump(report.to_dict(), handle, indent=2)
         console.print(f"numbers written to {json_out}")
+
+
+@app.command()
+def compress(
+    model_file: Annotated[Path, typer.Argument(help="A trained model.pt (from `train`).")],
+    recipe: Annotated[Path, typer.Option(help="Recipe YAML (see recipes/).")],
+    out: Annotated[Path, typer.Option(help="The .dsq file to write.")],
+    dataset: Annotated[str | None, typer.Option(help="Fine-tuning dataset (default: recipe's).")] = None,
+    subset: Annotated[int | None, typer.Option(help="Fine-tune on this many samples only.")] = None,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Also write stages and sizes to this JSON file.")
+    ] = None,
+    data_dir: DataDir = None,
+    progress: Progress = True,
+) -> None:
+    """Run a recipe (prune → fine-tune → share → fine-tune → encode) and write a .dsq file."""
+    from deepsqueeze.pipeline import compress as run_compress
+
+    result = run_compress(model_file, recipe, dataset=dataset, out=out, data_dir=data_dir,
+                          subset=subset, progress=progress)
+    stages = Table(title=f"recipe {result.recipe.name}")
+    for col in ("stage", "layers", "fine-tune epochs", "test accuracy", "seconds"):
+        stages.add_column(col)
+    stages.add_row("(baseline)", "", "", f"{result.baseline_accuracy:.2%}", "")
+    for st in result.stages:
+        stages.add_row(st.stage, ", ".join(st.layers) if len(st.layers) <= 4 else
+                       f"{len(st.layers)} layers", f"{st.finetune_epochs:g}",
+                       f"{st.test_accuracy:.2%}", f"{st.seconds:.1f}")
+    console.print(stages)
+    console.print(result.file_report.table())
+    console.print(
+        f"{out}: {result.file_report.file_bytes:,} bytes, "
+        f"{result.file_report.compression:.1f}x smaller than dense fp32; accuracy of the file "
+        f"{result.file_accuracy:.2%} (baseline {result.baseline_accuracy:.2%})"
+    )
+    if json_out is not None:
+        from deepsqueeze.io import atomic_write
+
+        with atomic_write(json_out, "w") as handle:
+            json.dump(result.to_dict(), handle, indent=2)
+
+
+@app.command()
+def inspect(
+    dsq_file: Annotated[Path, typer.Argument(help="A .dsq file.")],
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Also write the table to this JSON file.")
+    ] = None,
+) -> None:
+    """Per-layer table of a .dsq file: weights, % kept, bits per weight and index, bytes, ratio."""
+    from deepsqueeze.dsq import inspect as run_inspect
+
+    report = run_inspect(dsq_file)
+    console.print(report.table())
+    if json_out is not None:
+        from deepsqueeze.io import atomic_write
+
+        with atomic_write(json_out, "w") as handle:
+            json.dump(report.to_dict(), handle, indent=2)
 
 
 @app.command("models")

@@ -79,27 +79,46 @@ class FileReport:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["compression"] = self.compression
-        for row, obj in zip(d["layers"], self.layers):
+        for row, obj in zip(d["layers"], self.layers, strict=False):
             row["kept_fraction"] = obj.kept_fraction
             row["compression"] = obj.compression
         return d
 
     def table(self) -> Table:
         table = Table(title=f"{self.path} ({self.model})")
-        for col in ("layer", "weights", "kept", "encoding", "bits/weight", "bits/index",
-                    "bytes", "compression"):
+        for col in (
+            "layer",
+            "weights",
+            "kept",
+            "encoding",
+            "bits/weight",
+            "bits/index",
+            "bytes",
+            "compression",
+        ):
             table.add_column(col, justify="left" if col in ("layer", "encoding") else "right")
         for r in self.layers:
             table.add_row(
-                r.layer, f"{r.weights:,}", f"{r.kept_fraction:.1%}", r.encoding,
+                r.layer,
+                f"{r.weights:,}",
+                f"{r.kept_fraction:.1%}",
+                r.encoding,
                 "-" if r.bits_per_weight is None else f"{r.bits_per_weight:.2f}",
                 "-" if r.bits_per_index is None else f"{r.bits_per_index:.2f}",
-                f"{r.bytes:,}", f"{r.compression:.1f}x",
+                f"{r.bytes:,}",
+                f"{r.compression:.1f}x",
             )
         table.add_row("(header+manifest)", "", "", "", "", "", f"{self.header_bytes:,}", "")
-        table.add_row("[bold]total", f"{sum(r.weights for r in self.layers):,}",
-                      f"{sum(r.kept for r in self.layers) / max(1, sum(r.weights for r in self.layers)):.1%}",
-                      "", "", "", f"[bold]{self.file_bytes:,}", f"[bold]{self.compression:.1f}x")
+        table.add_row(
+            "[bold]total",
+            f"{sum(r.weights for r in self.layers):,}",
+            f"{sum(r.kept for r in self.layers) / max(1, sum(r.weights for r in self.layers)):.1%}",
+            "",
+            "",
+            "",
+            f"[bold]{self.file_bytes:,}",
+            f"[bold]{self.compression:.1f}x",
+        )
         return table
 
 
@@ -115,14 +134,22 @@ def save(
     spec = models.spec_of(model)
     plain = plain_copy(model)
     state = {k: v.detach() for k, v in plain.state_dict().items()}
-    bad = [k for k, v in state.items() if torch.is_floating_point(v) and not torch.isfinite(v).all()]
+    bad = [
+        k for k, v in state.items() if torch.is_floating_point(v) and not torch.isfinite(v).all()
+    ]
     if bad:
         raise DeepSqueezeError(f"refusing to save: NaN or Inf values in {', '.join(bad)}")
     original = models.create(spec.name, **spec.kwargs)
     entries, sections = [], {}
     for key, tensor in state.items():
-        enc = encode_tensor(key, tensor, huffman=opts.huffman, index_bits=opts.index_bits,
-                            codebook_dtype=opts.codebook_dtype, dense_dtype=opts.dense_dtype)
+        enc = encode_tensor(
+            key,
+            tensor,
+            huffman=opts.huffman,
+            index_bits=opts.index_bits,
+            codebook_dtype=opts.codebook_dtype,
+            dense_dtype=opts.dense_dtype,
+        )
         entries.append(enc.entry)
         sections.update(enc.sections)
     meta = {
@@ -214,7 +241,9 @@ def inspect(path: str | Path) -> FileReport:
             kept = max(int(torch.count_nonzero(tensor)), 1)
             secs = dsq.sections
             if entry["encoding"] in ("codebook", "sparse-codebook", "sparse"):
-                vbytes = len(secs.get(f"{name}:values", b"")) + len(secs.get(f"{name}:codebook", b""))
+                vbytes = len(secs.get(f"{name}:values", b"")) + len(
+                    secs.get(f"{name}:codebook", b"")
+                )
                 row.bits_per_weight = 8 * vbytes / kept
             else:
                 row.bits_per_weight = 8 * nbytes / kept
@@ -222,7 +251,10 @@ def inspect(path: str | Path) -> FileReport:
                 row.bits_per_index = 8 * len(secs.get(f"{name}:index", b"")) / kept
     dense = int(dsq.meta.get("dense_parameters", 0)) * FP32_BYTES
     return FileReport(
-        path=str(path), model=str(dsq.meta.get("model", {}).get("name")),
-        file_bytes=dsq.file_size, header_bytes=dsq.manifest_size, dense_bytes=dense,
+        path=str(path),
+        model=str(dsq.meta.get("model", {}).get("name")),
+        file_bytes=dsq.file_size,
+        header_bytes=dsq.manifest_size,
+        dense_bytes=dense,
         layers=list(layers.values()),
     )

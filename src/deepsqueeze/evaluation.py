@@ -47,7 +47,9 @@ class EvalReport:
 
     def table(self) -> Table:
         """The report as a two-column rich table."""
-        table = Table(title=f"{self.model} on {self.dataset} ({self.split}, {self.samples} samples)")
+        table = Table(
+            title=f"{self.model} on {self.dataset} ({self.split}, {self.samples} samples)"
+        )
         table.add_column("metric")
         table.add_column("value", justify="right")
         rows = [
@@ -61,12 +63,20 @@ class EvalReport:
             rows.append(("file bytes", f"{self.file_bytes:,}"))
         rows.append(("MACs per sample", f"{self.macs_per_sample:,}"))
         if self.latency_ms_median is not None:
-            rows.append(("latency batch 1 (median)",
-                         f"{self.latency_ms_median:.3f} ms (p95 {self.latency_ms_p95:.3f}, "
-                         f"{self.latency_runs} runs)"))
+            rows.append(
+                (
+                    "latency batch 1 (median)",
+                    f"{self.latency_ms_median:.3f} ms (p95 {self.latency_ms_p95:.3f}, "
+                    f"{self.latency_runs} runs)",
+                )
+            )
         if self.throughput_samples_per_s is not None:
-            rows.append((f"throughput batch {self.throughput_batch}",
-                         f"{self.throughput_samples_per_s:,.0f} samples/s"))
+            rows.append(
+                (
+                    f"throughput batch {self.throughput_batch}",
+                    f"{self.throughput_samples_per_s:,.0f} samples/s",
+                )
+            )
         rows.append(("torch threads", str(self.torch_threads)))
         for name, value in rows:
             table.add_row(name, value)
@@ -86,11 +96,19 @@ def evaluate(
     throughput_batch: int = 256,
     throughput_runs: int = 10,
 ) -> EvalReport:
-    """Evaluate a model object or a saved model file on ``dataset``/``split`` on the CPU."""
+    """Evaluate a model object, a model.pt or a .dsq file on ``dataset``/``split`` on the CPU.
+
+    A .dsq file is evaluated as loaded from the file itself: its accuracy is the file's accuracy.
+    """
     path = None
     if isinstance(model, (str, Path)):
         path = Path(model)
-        model = load_model(path)
+        if path.suffix == ".dsq":
+            from deepsqueeze.dsq import load
+
+            model = load(path)
+        else:
+            model = load_model(path)
     model = model.cpu().eval()
     data = load_dataset(dataset, split, data_dir=data_dir)
     if subset:

@@ -89,8 +89,13 @@ def save_model(model: nn.Module, path: str | Path, **extra: Any) -> Path:
     spec = models.spec_of(model)
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     atomic_save(
-        {"format": MODEL_FORMAT, "version": FORMAT_VERSION, "model_spec": spec.to_dict(),
-         "state_dict": state, **extra},
+        {
+            "format": MODEL_FORMAT,
+            "version": FORMAT_VERSION,
+            "model_spec": spec.to_dict(),
+            "state_dict": state,
+            **extra,
+        },
         path,
     )
     return Path(path)
@@ -101,7 +106,15 @@ def model_from_state(obj: dict[str, Any], source: str | Path) -> nn.Module:
     try:
         spec = models.ModelSpec.from_dict(obj["model_spec"])
         model = models.create(spec.name, **spec.kwargs)
-        model.load_state_dict(obj["state_dict"] if "state_dict" in obj else obj["model"])
+        state = obj["state_dict"] if "state_dict" in obj else obj["model"]
+        expected = model.state_dict()
+        if any(
+            k in expected and tuple(v.shape) != tuple(expected[k].shape) for k, v in state.items()
+        ):
+            from deepsqueeze.methods.channel_pruning import resize_to_shapes  # channel-pruned
+
+            model = resize_to_shapes(model, state)
+        model.load_state_dict(state)
     except (KeyError, TypeError, RuntimeError) as exc:
         raise CheckpointError(f"{source}: model spec and weights do not fit: {exc}") from exc
     return model
@@ -115,4 +128,3 @@ def load_model(path: str | Path) -> nn.Module:
     model = model_from_state(obj, path)
     model.eval()
     return model
-

@@ -95,42 +95,67 @@ def encode_tensor(
     base = {"name": name, "shape": shape}
     candidates: list[EncodedTensor] = []
 
-    candidates.append(EncodedTensor(
-        {**base, "encoding": "dense", "dtype": dense_dtype},
-        {f"{name}:data": values.astype(DTYPES[dense_dtype]).tobytes()},
-    ))
+    candidates.append(
+        EncodedTensor(
+            {**base, "encoding": "dense", "dtype": dense_dtype},
+            {f"{name}:data": values.astype(DTYPES[dense_dtype]).tobytes()},
+        )
+    )
     distinct, inverse = np.unique(values, return_inverse=True)
     exact_codebook = codebook_dtype == "float32" or dense_dtype == "float16"
     if distinct.size <= MAX_CODEBOOK and distinct.size < values.size // 2 and exact_codebook:
         bits = _bits_for(distinct.size)
         coded, coding = _code_indices(inverse, bits, huffman)
-        candidates.append(EncodedTensor(
-            {**base, "encoding": "codebook", "codebook_size": int(distinct.size),
-             "value_bits": bits, "value_coding": coding, "dtype": codebook_dtype},
-            {f"{name}:codebook": distinct.astype(DTYPES[codebook_dtype]).tobytes(),
-             f"{name}:values": coded},
-        ))
+        candidates.append(
+            EncodedTensor(
+                {
+                    **base,
+                    "encoding": "codebook",
+                    "codebook_size": int(distinct.size),
+                    "value_bits": bits,
+                    "value_coding": coding,
+                    "dtype": codebook_dtype,
+                },
+                {
+                    f"{name}:codebook": distinct.astype(DTYPES[codebook_dtype]).tobytes(),
+                    f"{name}:values": coded,
+                },
+            )
+        )
     nonzero = np.flatnonzero(values)
     if nonzero.size < values.size // 2:
         positions = nonzero
         if values.size and (positions.size == 0 or positions[-1] != values.size - 1):
             positions = np.append(positions, values.size - 1)  # cover the whole tensor
         if index_bits == "auto":
-            ib = best_index_bits(positions, values.size, range(1, MAX_INDEX_BITS + 1),
-                                 cost="huffman" if huffman else "fixed", value_bits=5.0)
+            ib = best_index_bits(
+                positions,
+                values.size,
+                range(1, MAX_INDEX_BITS + 1),
+                cost="huffman" if huffman else "fixed",
+                value_bits=5.0,
+            )
         else:
             ib = int(index_bits)
         gaps, _ = relative_index_encode(positions, ib)
         entry_pos = np.cumsum(gaps + 1) - 1
         entry_vals = values[entry_pos]  # fillers and a zero last element read as 0.0
         gap_bytes, gap_coding = _code_indices(gaps, ib, huffman)
-        sparse_base = {**base, "index_bits": ib, "entries": int(gaps.size),
-                       "index_coding": gap_coding}
-        candidates.append(EncodedTensor(
-            {**sparse_base, "encoding": "sparse", "dtype": dense_dtype},
-            {f"{name}:index": gap_bytes,
-             f"{name}:values": entry_vals.astype(DTYPES[dense_dtype]).tobytes()},
-        ))
+        sparse_base = {
+            **base,
+            "index_bits": ib,
+            "entries": int(gaps.size),
+            "index_coding": gap_coding,
+        }
+        candidates.append(
+            EncodedTensor(
+                {**sparse_base, "encoding": "sparse", "dtype": dense_dtype},
+                {
+                    f"{name}:index": gap_bytes,
+                    f"{name}:values": entry_vals.astype(DTYPES[dense_dtype]).tobytes(),
+                },
+            )
+        )
         nz_distinct = np.unique(values[nonzero])
         if nz_distinct.size <= MAX_CODEBOOK - 1 and exact_codebook:
             # symbols 0..K-1 are the codebook, symbol K is the zero of fillers
@@ -138,14 +163,23 @@ def encode_tensor(
             symbols[entry_vals == 0] = nz_distinct.size
             bits = _bits_for(nz_distinct.size + 1)
             coded, coding = _code_indices(symbols, bits, huffman)
-            candidates.append(EncodedTensor(
-                {**sparse_base, "encoding": "sparse-codebook", "codebook_size":
-                 int(nz_distinct.size), "value_bits": bits, "value_coding": coding,
-                 "dtype": codebook_dtype},
-                {f"{name}:index": gap_bytes,
-                 f"{name}:codebook": nz_distinct.astype(DTYPES[codebook_dtype]).tobytes(),
-                 f"{name}:values": coded},
-            ))
+            candidates.append(
+                EncodedTensor(
+                    {
+                        **sparse_base,
+                        "encoding": "sparse-codebook",
+                        "codebook_size": int(nz_distinct.size),
+                        "value_bits": bits,
+                        "value_coding": coding,
+                        "dtype": codebook_dtype,
+                    },
+                    {
+                        f"{name}:index": gap_bytes,
+                        f"{name}:codebook": nz_distinct.astype(DTYPES[codebook_dtype]).tobytes(),
+                        f"{name}:values": coded,
+                    },
+                )
+            )
     return min(candidates, key=lambda c: c.nbytes)
 
 
@@ -180,7 +214,7 @@ def decode_tensor(
     """Rebuild a tensor from its manifest entry; every inconsistency raises DsqFormatError."""
     name = _field(entry, "name", str, "?")
     shape = _field(entry, "shape", list, name)
-    if not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d for d in shape):
+    if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise DsqFormatError(f"tensor {name}: bad shape {shape}")
     total = math.prod(shape)
     if total > max_elements:
@@ -196,8 +230,13 @@ def decode_tensor(
     if encoding == "codebook":
         size = _field(entry, "codebook_size", int, name)
         codebook = _floats(_section(sections, f"{name}:codebook"), dtype, size, name)
-        symbols = _decode_indices(_section(sections, f"{name}:values"), entry.get("value_coding"),
-                                  _field(entry, "value_bits", int, name), total, name)
+        symbols = _decode_indices(
+            _section(sections, f"{name}:values"),
+            entry.get("value_coding"),
+            _field(entry, "value_bits", int, name),
+            total,
+            name,
+        )
         if symbols.size and int(symbols.max()) >= size:
             raise DsqFormatError(f"tensor {name}: codebook index out of range")
         return torch.from_numpy(codebook.astype(np.float32)[symbols]).reshape(shape)
@@ -207,8 +246,9 @@ def decode_tensor(
         raise DsqFormatError(f"tensor {name}: index_bits {ib} or entry count {entries} invalid")
     if total > entries * (1 << ib):
         raise DsqFormatError(f"tensor {name}: {entries} entries cannot cover {total} elements")
-    gaps = _decode_indices(_section(sections, f"{name}:index"), entry.get("index_coding"), ib,
-                           entries, name)
+    gaps = _decode_indices(
+        _section(sections, f"{name}:index"), entry.get("index_coding"), ib, entries, name
+    )
     positions = relative_index_decode(gaps, total, ib)
     if entries and int(positions[-1]) != total - 1:
         raise DsqFormatError(f"tensor {name}: relative index does not end at the last element")
@@ -218,8 +258,13 @@ def decode_tensor(
     else:
         size = _field(entry, "codebook_size", int, name)
         codebook = _floats(_section(sections, f"{name}:codebook"), dtype, size, name)
-        symbols = _decode_indices(_section(sections, f"{name}:values"), entry.get("value_coding"),
-                                  _field(entry, "value_bits", int, name), entries, name)
+        symbols = _decode_indices(
+            _section(sections, f"{name}:values"),
+            entry.get("value_coding"),
+            _field(entry, "value_bits", int, name),
+            entries,
+            name,
+        )
         if symbols.size and int(symbols.max()) > size:
             raise DsqFormatError(f"tensor {name}: codebook index out of range")
         vals = np.append(codebook.astype(np.float32), np.float32(0))[symbols]

@@ -54,8 +54,10 @@ def select_layers(
         if pattern.startswith("type:"):
             kind = LAYER_TYPES.get(pattern[5:])
             if kind is None:
-                raise ModelError(f"unknown layer type {pattern!r}; known: "
-                                 f"{', '.join('type:' + k for k in LAYER_TYPES)}")
+                raise ModelError(
+                    f"unknown layer type {pattern!r}; known: "
+                    f"{', '.join('type:' + k for k in LAYER_TYPES)}"
+                )
             hits = {n: m for n, m in candidates.items() if isinstance(m, kind)}
         else:
             hits = {n: m for n, m in named.items() if fnmatch.fnmatchcase(n, pattern)}
@@ -98,7 +100,7 @@ class Method(ABC):
         """Hooks for the fine-tuning loop (e.g. a sparsity schedule); none by default."""
         return []
 
-    def finalize(self, model: nn.Module) -> None:
+    def finalize(self, model: nn.Module) -> None:  # noqa: B027 (optional hook)
         """Called once after fine-tuning; nothing by default."""
 
     def summary(self) -> dict[str, Any]:
@@ -136,10 +138,13 @@ def _validation_message(where: str, exc: ValidationError) -> str:
     return f"invalid parameters for {where}: " + "; ".join(parts)
 
 
-def per_layer(value: float | int | dict[str, Any], names: Iterable[str], what: str) -> dict[str, Any]:
+def per_layer(
+    value: float | int | dict[str, Any], names: Iterable[str], what: str
+) -> dict[str, Any]:
     """Expand a scalar or a ``{glob: value}`` mapping to one value per layer name.
 
-    In a mapping, the most specific (longest) matching glob wins; ``"*"`` gives a default.
+    In a mapping, the most specific matching glob wins (an exact name, then the glob with the
+    fewest wildcards, then the longest); ``"*"`` gives a default.
     """
     names = list(names)
     if not isinstance(value, dict):
@@ -149,8 +154,13 @@ def per_layer(value: float | int | dict[str, Any], names: Iterable[str], what: s
         matches = [g for g in value if fnmatch.fnmatchcase(name, g)]
         if not matches:
             raise RecipeError(f"{what}: no value for layer {name!r} (add it or a '*' default)")
-        out[name] = value[max(matches, key=len)]
+        out[name] = value[max(matches, key=lambda g: _specificity(g, name))]
     unused = [g for g in value if not any(fnmatch.fnmatchcase(n, g) for n in names)]
     if unused:
         raise RecipeError(f"{what}: {unused} match no selected layer; layers: {names}")
     return out
+
+
+def _specificity(glob: str, name: str) -> tuple[bool, int, int]:
+    wildcards = sum(glob.count(c) for c in "*?[")
+    return (glob == name, -wildcards, len(glob))

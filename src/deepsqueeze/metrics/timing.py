@@ -26,7 +26,10 @@ class Timing:
 
 
 def time_callable(
-    fn: Callable[[], object], batch_size: int, runs: int = 50, warmup: int = 5,
+    fn: Callable[[], object],
+    batch_size: int,
+    runs: int = 50,
+    warmup: int = 5,
     max_seconds: float = 10.0,
 ) -> Timing:
     """Time ``fn`` ``runs`` times after ``warmup`` calls (stops early after ``max_seconds``)."""
@@ -46,8 +49,12 @@ def time_callable(
 
 
 def time_model(
-    model: torch.nn.Module, input_shape: tuple[int, ...], batch_size: int, runs: int = 50,
-    warmup: int = 5, max_seconds: float = 10.0,
+    model: torch.nn.Module,
+    input_shape: tuple[int, ...],
+    batch_size: int,
+    runs: int = 50,
+    warmup: int = 5,
+    max_seconds: float = 10.0,
 ) -> Timing:
     """Time inference of ``model`` on a random batch of ``batch_size`` samples of ``input_shape``."""
     model.eval()

@@ -25,6 +25,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+import deepsqueeze.methods  # noqa: F401  (registers every method)
 from deepsqueeze.errors import RecipeError
 from deepsqueeze.methods.base import METHODS, Method, create_method
 from deepsqueeze.training.loop import TrainConfig

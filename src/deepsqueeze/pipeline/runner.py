@@ -113,7 +113,7 @@ def compress(
     result = CompressResult(model=model, recipe=recipe, baseline_accuracy=test_accuracy(model))
     methods = recipe.methods()
     torch.manual_seed(recipe.seed)
-    for index, (stage, method) in enumerate(zip(recipe.stages, methods)):
+    for index, (stage, method) in enumerate(zip(recipe.stages, methods, strict=False)):
         t0 = time.perf_counter()
         layers = select_layers(model, method.params.layers, method.supported)
         check_finite(model, layers)
@@ -121,21 +121,34 @@ def compress(
         epochs = 0.0
         if stage.finetune is not None and stage.finetune.epochs > 0:
             cfg = stage.finetune.model_copy(update={"seed": recipe.seed + index})
-            fit(model, train_set, cfg, test_set=None, step_hooks=method.step_hooks(),
-                progress=progress, description=f"stage {index + 1} {stage.label}")
+            fit(
+                model,
+                train_set,
+                cfg,
+                test_set=None,
+                step_hooks=method.step_hooks(),
+                progress=progress,
+                description=f"stage {index + 1} {stage.label}",
+            )
             epochs = cfg.epochs
         method.finalize(model)
         model.cpu()
-        result.stages.append(StageRecord(
-            stage=stage.label, method=method.summary(), layers=list(layers),
-            test_accuracy=test_accuracy(model), seconds=time.perf_counter() - t0,
-            finetune_epochs=epochs,
-        ))
+        result.stages.append(
+            StageRecord(
+                stage=stage.label,
+                method=method.summary(),
+                layers=list(layers),
+                test_accuracy=test_accuracy(model),
+                seconds=time.perf_counter() - t0,
+                finetune_epochs=epochs,
+            )
+        )
     if out is not None:
         from deepsqueeze.dsq import load, save
 
-        result.file_report = save(model, out, encode=recipe.encode,
-                                  extra_meta={"recipe": recipe.name, "dataset": dataset})
+        result.file_report = save(
+            model, out, encode=recipe.encode, extra_meta={"recipe": recipe.name, "dataset": dataset}
+        )
         result.path = Path(out)
         if evaluate_file:
             result.file_accuracy = test_accuracy(load(out))
