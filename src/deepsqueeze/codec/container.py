@@ -1,0 +1,480 @@
+"""The .dsq container: a fixed 28-byte header, a deflated JSON manifest, then named sections.
+
+Byte layout (the full spec is docs/format.md)::
+
+    0   8  magic            b"\\x89DSQ\\r\\n\\x1a\\n"
+    8   2  major version    u16 = 1
+    10  2  minor version    u16 = 0
+    12  4  flags            u32; bit 0: the manifest is raw-deflate compressed
+    16  4  stored length    u32, bytes of the manifest as stored
+    20  4  manifest length  u32, bytes of the manifest JSON (after inflating)
+    24  4  crc32            u32, CRC-32 of header bytes 0..23 followed by the stored manifest
+    28  .  manifest         {"sections":[{"name","offset","length","crc32"},...],"meta":{...}}
+    .   .  data area        the sections' bytes, contiguous, in table order, no padding
+
+All integers little-endian. The reader trusts nothing: sizes are checked against the file before
+anything is allocated or inflated, the manifest is inflated with a bounded output, the JSON is
+depth-checked before parsing, and every section's CRC-32 is verified. Any defect raises
+:class:`DsqFormatError` naming it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+import secrets
+import struct
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from deepsqueeze.errors import DsqFormatError
+
+MAGIC = b"\x89DSQ\r\n\x1a\n"
+VERSION = (1, 0)
+HEADER = struct.Struct("<8sHHIIII")
+HEADER_SIZE = HEADER.size  # 28
+FLAG_DEFLATE = 1
+KNOWN_FLAGS = FLAG_DEFLATE
+
+DEFAULT_MAX_FILE_SIZE = 2 << 30  # 2 GiB
+MAX_MANIFEST_SIZE = 16 << 20  # 16 MiB, stored and inflated
+MAX_JSON_DEPTH = 64  # the top-level object is depth 1
+MAX_NAME_LENGTH = 256
+_SECTION_KEYS = ("name", "offset", "length", "crc32")
+_TOP_KEYS = ("sections", "meta")
+_INT_MIN, _INT_MAX = -(1 << 63), (1 << 64) - 1
+
+SectionData = bytes | bytearray | memoryview | np.ndarray
+
+
+@dataclass(frozen=True)
+class DsqFile:
+    """A parsed, fully verified .dsq file."""
+
+    meta: dict[str, Any]
+    sections: dict[str, bytes]
+    file_size: int
+    manifest_size: int  # header + stored manifest: the container's own overhead in bytes
+    version: tuple[int, int] = VERSION
+
+    @property
+    def section_sizes(self) -> dict[str, int]:
+        """``{name: bytes}`` for every section, in file order."""
+        return {name: len(data) for name, data in self.sections.items()}
+
+    def __getitem__(self, name: str) -> bytes:
+        try:
+            return self.sections[name]
+        except KeyError:
+            raise KeyError(f"no section {name!r} in this .dsq file") from None
+
+
+# --------------------------------------------------------------------------- JSON helpers
+
+# A JSON string literal (unrolled form: linear time, no nested quantifier backtracking).
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+
+
+def _json_depth(text: bytes) -> int:
+    """Deepest array/object nesting in JSON ``text`` (strings skipped), without parsing."""
+    a = np.frombuffer(_JSON_STRING.sub(b"", text), dtype=np.uint8)
+    if a.size == 0:
+        return 0
+    step = ((a == ord("[")) | (a == ord("{"))).astype(np.int32)
+    step -= ((a == ord("]")) | (a == ord("}"))).astype(np.int32)
+    return int(np.cumsum(step).max())
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text} is out of range")
+    return value
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _check_meta_value(value: Any, where: str, depth: int) -> None:
+    """Reject what would not round-trip exactly through the manifest JSON.
+
+    ``depth`` is the JSON nesting depth ``value`` would have if it is a container.
+    """
+    if isinstance(value, (dict, list, tuple)) and depth > MAX_JSON_DEPTH:
+        raise ValueError(f"meta nests deeper than {MAX_JSON_DEPTH} levels at {where}")
+    if value is None or isinstance(value, (bool, str)):
+        return
+    if isinstance(value, int):
+        if not _INT_MIN <= value <= _INT_MAX:
+            raise ValueError(f"meta integer at {where} does not fit 64 bits")
+        return
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"meta float at {where} is {value}; NaN and Inf are not allowed")
+        return
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise TypeError(f"meta key {key!r} at {where} is not a str")
+            _check_meta_value(item, f"{where}.{key}", depth + 1)
+        return
+    if isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_meta_value(item, f"{where}[{i}]", depth + 1)
+        return
+    raise TypeError(
+        f"meta value at {where} has type {type(value).__name__}; use JSON types "
+        "(dict, list, str, int, float, bool, None; numpy scalars need .item())"
+    )
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _section_view(name: str, data: SectionData) -> memoryview:
+    if isinstance(data, np.ndarray):
+        if data.dtype.hasobject:
+            raise TypeError(f"section {name!r}: object arrays cannot be stored")
+        if data.dtype.byteorder == ">" or (data.dtype.byteorder == "=" and not _LITTLE):
+            data = data.astype(data.dtype.newbyteorder("<"))
+        data = np.ascontiguousarray(data)
+        return memoryview(data.reshape(-1).view(np.uint8))
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(
+            f"section {name!r}: expected bytes, bytearray, memoryview or numpy array, "
+            f"got {type(data).__name__}"
+        )
+    view = memoryview(data)
+    if not view.c_contiguous:
+        view = memoryview(view.tobytes())
+    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
+
+
+_LITTLE = np.little_endian
+
+
+def _build(meta: dict[str, Any], sections: Mapping[str, SectionData]) -> tuple[bytes, list]:
+    """(header + stored manifest, [section memoryviews]) for a file."""
+    if not isinstance(meta, dict):
+        raise TypeError(f"meta must be a dict, got {type(meta).__name__}")
+    if not isinstance(sections, Mapping):
+        raise TypeError(f"sections must be a mapping of name -> bytes, got {type(sections)}")
+    _check_meta_value(meta, "meta", 2)
+    table = []
+    views = []
+    offset = 0
+    for name, data in sections.items():
+        if not isinstance(name, str) or not 1 <= len(name) <= MAX_NAME_LENGTH:
+            raise ValueError(
+                f"section name {name!r} must be a str of 1..{MAX_NAME_LENGTH} characters"
+            )
+        view = _section_view(name, data)
+        table.append({"name": name, "offset": offset, "length": view.nbytes,
+                      "crc32": zlib.crc32(view)})
+        views.append(view)
+        offset += view.nbytes
+    manifest = {"sections": table, "meta": meta}
+    try:
+        raw = json.dumps(
+            manifest, ensure_ascii=False, allow_nan=False, separators=(",", ":")
+        ).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"meta or a section name is not valid Unicode text: {exc}") from exc
+    if len(raw) > MAX_MANIFEST_SIZE:
+        raise ValueError(f"manifest is {len(raw)} bytes, over the {MAX_MANIFEST_SIZE} limit")
+    if _json_depth(raw) > MAX_JSON_DEPTH:
+        raise ValueError(f"manifest nests deeper than {MAX_JSON_DEPTH} levels")
+    packer = zlib.compressobj(9, zlib.DEFLATED, -15, 9)
+    deflated = packer.compress(raw) + packer.flush()
+    flags, stored = (FLAG_DEFLATE, deflated) if len(deflated) < len(raw) else (0, raw)
+    head = struct.pack("<8sHHIII", MAGIC, VERSION[0], VERSION[1], flags, len(stored), len(raw))
+    crc = zlib.crc32(stored, zlib.crc32(head))
+    return head + struct.pack("<I", crc) + stored, views
+
+
+def dsq_bytes(meta: dict[str, Any], sections: Mapping[str, SectionData]) -> bytes:
+    """The complete .dsq file for ``meta`` and ``sections`` as bytes (no file written)."""
+    head, views = _build(meta, sections)
+    return b"".join([head, *views])
+
+
+def write_dsq(
+    path: str | os.PathLike[str], meta: dict[str, Any], sections: Mapping[str, SectionData]
+) -> int:
+    """Write a .dsq file atomically; returns the number of bytes written.
+
+    ``meta``: JSON-compatible dict (str keys, finite floats, 64-bit ints). ``sections``: name ->
+    bytes-like or numpy array (stored as its raw little-endian bytes), written in mapping order.
+    The data goes to a temp file beside ``path``, is fsynced, then renamed over ``path``; on any
+    failure the temp file is removed and an existing ``path`` is left untouched.
+    Bad arguments raise ``ValueError`` / ``TypeError``.
+    """
+    head, views = _build(meta, sections)
+    path = Path(path)
+    folder = path.parent
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        tmp = folder / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            fd = os.open(tmp, flags, 0o666)  # the umask applies, as for a normal file
+            break
+        except FileExistsError:
+            continue
+    else:  # pragma: no cover - 100 random-name collisions
+        raise FileExistsError(f"could not create a temporary file in {folder}")
+    total = len(head) + sum(v.nbytes for v in views)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(head)
+            for view in views:
+                handle.write(view)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(folder)
+    return total
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Best effort: make the rename durable (POSIX only)."""
+    if os.name != "posix":
+        return
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read_dsq(
+    source: str | os.PathLike[str] | bytes | bytearray | memoryview,
+    *,
+    max_size: int = DEFAULT_MAX_FILE_SIZE,
+) -> DsqFile:
+    """Read and fully verify a .dsq file from a path or from its bytes.
+
+    Raises :class:`DsqFormatError` for any malformed input, a file over ``max_size`` bytes, or
+    a path that cannot be read.
+    """
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return parse_dsq(source, max_size=max_size)
+    path = Path(source)
+    try:
+        with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            if size > max_size:
+                raise DsqFormatError(
+                    f"{path}: file is {size} bytes, over the {max_size}-byte limit"
+                )
+            data = handle.read(max_size + 1)
+    except OSError as exc:
+        raise DsqFormatError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    try:
+        return parse_dsq(data, max_size=max_size)
+    except DsqFormatError as exc:
+        raise DsqFormatError(f"{path}: {exc}") from None
+
+
+def parse_dsq(
+    data: bytes | bytearray | memoryview, *, max_size: int = DEFAULT_MAX_FILE_SIZE
+) -> DsqFile:
+    """Parse and fully verify the bytes of a .dsq file (see :func:`read_dsq`)."""
+    buf = memoryview(data)
+    if buf.ndim != 1 or buf.itemsize != 1:
+        buf = buf.cast("B")
+    size = buf.nbytes
+    if size > max_size:
+        raise DsqFormatError(f"file is {size} bytes, over the {max_size}-byte limit")
+    if bytes(buf[:8]) != MAGIC[: min(size, 8)] or size == 0:
+        raise DsqFormatError("not a .dsq file (bad magic bytes)")
+    if size < HEADER_SIZE:
+        raise DsqFormatError(f"truncated: {size} bytes, the header alone is {HEADER_SIZE}")
+    _, major, minor, flags, stored_len, raw_len, crc = HEADER.unpack(buf[:HEADER_SIZE])
+    if major > VERSION[0]:
+        raise DsqFormatError(
+            f"format version {major}.{minor} was written by a newer deepsqueeze "
+            f"(this one reads {VERSION[0]}.x); upgrade deepsqueeze to read it"
+        )
+    if major < VERSION[0]:
+        raise DsqFormatError(f"unsupported format version {major}.{minor}")
+    if flags & ~KNOWN_FLAGS:
+        raise DsqFormatError(f"unknown header flags 0x{flags:08x}")
+    if stored_len > MAX_MANIFEST_SIZE or raw_len > MAX_MANIFEST_SIZE:
+        raise DsqFormatError(
+            f"manifest length {max(stored_len, raw_len)} is over the {MAX_MANIFEST_SIZE} limit"
+        )
+    data_start = HEADER_SIZE + stored_len
+    if data_start > size:
+        raise DsqFormatError(
+            f"manifest length {stored_len} runs past the end of the {size}-byte file"
+        )
+    if not flags & FLAG_DEFLATE and stored_len != raw_len:
+        raise DsqFormatError(
+            f"uncompressed manifest: stored length {stored_len} != manifest length {raw_len}"
+        )
+    stored = buf[HEADER_SIZE:data_start]
+    found = zlib.crc32(stored, zlib.crc32(buf[:24]))
+    if found != crc:
+        raise DsqFormatError(
+            f"header/manifest checksum mismatch: expected crc32 {crc:08x}, found {found:08x}"
+        )
+    raw = _inflate(stored, raw_len) if flags & FLAG_DEFLATE else bytes(stored)
+    manifest = _parse_manifest(raw)
+    table = _check_manifest(manifest, strict=minor == 0)
+    data_len = size - data_start
+    sections: dict[str, bytes] = {}
+    end = 0
+    for name, offset, length, want in table:
+        if offset != end:
+            raise DsqFormatError(
+                f"section {name!r}: offset {offset}, expected {end} (sections must be "
+                "contiguous and in table order)"
+            )
+        end = offset + length
+        if end > data_len:
+            raise DsqFormatError(
+                f"section {name!r}: bytes {offset}..{end} run past the {data_len}-byte data area"
+            )
+        chunk = buf[data_start + offset : data_start + end]
+        got = zlib.crc32(chunk)
+        if got != want:
+            raise DsqFormatError(
+                f"section {name!r}: checksum mismatch: expected crc32 {want:08x}, found {got:08x}"
+            )
+        sections[name] = bytes(chunk)
+    if end != data_len:
+        raise DsqFormatError(
+            f"{data_len - end} unexpected trailing bytes after the last section "
+            f"(data area {data_len} bytes, sections cover {end})"
+        )
+    return DsqFile(
+        meta=manifest["meta"], sections=sections, file_size=size, manifest_size=data_start,
+        version=(major, minor),
+    )
+
+
+def _inflate(stored: memoryview, raw_len: int) -> bytes:
+    """Inflate with the output capped at ``raw_len + 1`` bytes (zip-bomb safe)."""
+    inflater = zlib.decompressobj(-15)
+    try:
+        raw = inflater.decompress(stored, raw_len + 1)
+    except zlib.error as exc:
+        raise DsqFormatError(f"manifest is not valid deflate data: {exc}") from exc
+    if len(raw) > raw_len:
+        raise DsqFormatError(f"manifest inflates to more than its declared {raw_len} bytes")
+    if not inflater.eof:
+        raise DsqFormatError("manifest deflate stream is truncated")
+    if inflater.unused_data:
+        raise DsqFormatError("garbage after the manifest deflate stream")
+    if len(raw) != raw_len:
+        raise DsqFormatError(
+            f"manifest inflates to {len(raw)} bytes, header declares {raw_len}"
+        )
+    return raw
+
+
+def _parse_manifest(raw: bytes) -> Any:
+    depth = _json_depth(raw)
+    if depth > MAX_JSON_DEPTH:
+        raise DsqFormatError(f"manifest JSON nests {depth} levels, over the {MAX_JSON_DEPTH} limit")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DsqFormatError(f"manifest is not valid UTF-8: {exc}") from exc
+    try:
+        return json.loads(
+            text,
+            object_pairs_hook=_no_duplicates,
+            parse_float=_finite_float,
+            parse_constant=_no_constant,
+        )
+    except _DuplicateKey as exc:
+        raise DsqFormatError(f"manifest JSON has a duplicate key {exc.args[0]!r}") from None
+    except RecursionError:
+        raise DsqFormatError("manifest JSON nests too deeply") from None
+    except ValueError as exc:
+        raise DsqFormatError(f"manifest is not valid JSON: {exc}") from None
+
+
+def _is_int(value: Any) -> bool:
+    return type(value) is int
+
+
+def _check_manifest(manifest: Any, *, strict: bool) -> list[tuple[str, int, int, int]]:
+    """Validate the container-level manifest; returns the section table as tuples."""
+    if not isinstance(manifest, dict):
+        raise DsqFormatError(f"manifest must be a JSON object, found {type(manifest).__name__}")
+    for key in _TOP_KEYS:
+        if key not in manifest:
+            raise DsqFormatError(f"manifest has no {key!r} entry")
+    extra = sorted(set(manifest) - set(_TOP_KEYS))
+    if strict and extra:
+        raise DsqFormatError(f"manifest has unknown entries {extra} (format 1.0 allows none)")
+    if not isinstance(manifest["meta"], dict):
+        raise DsqFormatError("manifest 'meta' must be a JSON object")
+    entries = manifest["sections"]
+    if not isinstance(entries, list):
+        raise DsqFormatError("manifest 'sections' must be a list")
+    table = []
+    seen: set[str] = set()
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise DsqFormatError(f"section table entry {i} is not a JSON object")
+        missing = [k for k in _SECTION_KEYS if k not in entry]
+        if missing:
+            raise DsqFormatError(f"section table entry {i} lacks {missing}")
+        unknown = sorted(set(entry) - set(_SECTION_KEYS))
+        if strict and unknown:
+            raise DsqFormatError(f"section table entry {i} has unknown keys {unknown}")
+        name = entry["name"]
+        if not isinstance(name, str) or not 1 <= len(name) <= MAX_NAME_LENGTH:
+            raise DsqFormatError(
+                f"section table entry {i}: name must be a string of 1..{MAX_NAME_LENGTH} "
+                f"characters, found {name!r:.80}"
+            )
+        if name in seen:
+            raise DsqFormatError(f"section {name!r} appears twice in the section table")
+        seen.add(name)
+        values = []
+        for key in ("offset", "length", "crc32"):
+            value = entry[key]
+            if not _is_int(value) or value < 0:
+                raise DsqFormatError(
+                    f"section {name!r}: {key} must be a non-negative integer, "
+                    f"found {value!r:.80}"
+                )
+            values.append(value)
+        if values[2] > 0xFFFFFFFF:
+            raise DsqFormatError(f"section {name!r}: crc32 {values[2]} is not a 32-bit value")
+        table.append((name, values[0], values[1], values[2]))
+    return table
