@@ -8,7 +8,6 @@ pruned) and fills it with the decoded weights. ``inspect`` reports per-layer siz
 
 from __future__ import annotations
 
-import copy
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,14 +27,31 @@ from deepsqueeze.pipeline.recipe import EncodeOptions
 FORMAT_NAME = "deepsqueeze-model"
 
 
-def plain_copy(model: nn.Module) -> nn.Module:
-    """A CPU copy of ``model`` with every parametrization baked into its effective value."""
-    plain = copy.deepcopy(model).cpu()
-    for module in plain.modules():
+def plain_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """``model``'s state dict with every parametrization replaced by its effective value.
+
+    Returns the tensors (keys as in the unparametrized model) and the names that are parameters.
+    The model itself is not touched (removing parametrizations from a deep copy would not do:
+    the copy shares the parametrized class whose properties removal deletes).
+    """
+    state: dict[str, torch.Tensor] = {}
+    params: list[str] = []
+    for mname, module in model.named_modules():
+        if mname.startswith("parametrizations") or ".parametrizations" in mname:
+            continue
+        prefix = f"{mname}." if mname else ""
+        for pname, p in module.named_parameters(recurse=False):
+            state[prefix + pname] = p.detach().cpu()
+            params.append(prefix + pname)
         if parametrize.is_parametrized(module):
-            for name in list(module.parametrizations):
-                parametrize.remove_parametrizations(module, name, leave_parametrized=True)
-    return plain
+            for pname in module.parametrizations:
+                state[prefix + pname] = getattr(module, pname).detach().cpu()
+                params.append(prefix + pname)
+        skip = getattr(module, "_non_persistent_buffers_set", set())
+        for bname, b in module.named_buffers(recurse=False):
+            if bname not in skip:
+                state[prefix + bname] = b.detach().cpu()
+    return state, params
 
 
 @dataclass
@@ -132,8 +148,7 @@ def save(
     """Write ``model`` (a zoo model, any training form) as a .dsq file; return its size table."""
     opts = encode if isinstance(encode, EncodeOptions) else EncodeOptions(**(encode or {}))
     spec = models.spec_of(model)
-    plain = plain_copy(model)
-    state = {k: v.detach() for k, v in plain.state_dict().items()}
+    state, param_names = plain_state(model)
     bad = [
         k for k, v in state.items() if torch.is_floating_point(v) and not torch.isfinite(v).all()
     ]
@@ -156,7 +171,7 @@ def save(
         "format": FORMAT_NAME,
         "model": spec.to_dict(),
         "dense_parameters": parameter_count(original),
-        "parameters": [name for name, _ in plain.named_parameters()],
+        "parameters": param_names,
         "tensors": entries,
         **(extra_meta or {}),
     }
