@@ -27,9 +27,12 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 install: $(VENV)/.installed
 dev: $(VENV)/.installed-dev
 
+# The main job: train LeNet-300-100 on MNIST -> Deep Compression -> evaluate the .dsq file itself.
+DEMO := runs/demo
 demo: install
-	$(VENV)/bin/deepsqueeze train --model lenet300 --dataset mnist --epochs 3 --out runs/demo-lenet300 --seed 0 $(if $(wildcard runs/demo-lenet300/run.json),--resume,)
-	$(VENV)/bin/deepsqueeze evaluate runs/demo-lenet300/model.pt --dataset mnist
+	$(VENV)/bin/deepsqueeze train --model lenet300 --dataset mnist --out $(DEMO)/lenet300 --seed 0 $(if $(wildcard $(DEMO)/lenet300/run.json),--resume,)
+	$(VENV)/bin/deepsqueeze compress $(DEMO)/lenet300/model.pt --recipe recipes/deep-compression-lenet300.yaml --dataset mnist --out $(DEMO)/lenet300.dsq
+	$(VENV)/bin/deepsqueeze evaluate $(DEMO)/lenet300.dsq --dataset mnist
 
 test: dev
 	$(PY) -m pytest -q
@@ -39,6 +42,7 @@ lint: dev
 
 bench: install
 	$(PY) benchmarks/baselines.py
+	$(PY) benchmarks/deep_compression.py
 
 clean:
 	rm -rf runs .pytest_cache
