@@ -208,6 +208,25 @@ def _floats(data: bytes, dtype_name: str, count: int | None, what: str) -> np.nd
     return np.frombuffer(data, dtype=dtype)
 
 
+def _codebook_and_symbols(
+    entry: dict[str, Any], sections: dict[str, bytes], name: str, dtype: str, count: int,
+    zero_symbol: bool,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The fp32 codebook (plus a trailing 0.0 for fillers if ``zero_symbol``) and its indices."""
+    size = _field(entry, "codebook_size", int, name)
+    codebook = _floats(_section(sections, f"{name}:codebook"), dtype, size, name)
+    codebook = codebook.astype(np.float32)
+    if zero_symbol:
+        codebook = np.append(codebook, np.float32(0))
+    symbols = _decode_indices(
+        _section(sections, f"{name}:values"), entry.get("value_coding"),
+        _field(entry, "value_bits", int, name), count, name,
+    )
+    if symbols.size and int(symbols.max()) >= codebook.size:
+        raise DsqFormatError(f"tensor {name}: codebook index out of range")
+    return codebook, symbols
+
+
 def decode_tensor(
     entry: dict[str, Any], sections: dict[str, bytes], max_elements: int = 1 << 28
 ) -> torch.Tensor:
@@ -228,18 +247,8 @@ def decode_tensor(
     if encoding not in ENCODINGS:
         raise DsqFormatError(f"tensor {name}: unknown encoding {encoding!r}; known: {ENCODINGS}")
     if encoding == "codebook":
-        size = _field(entry, "codebook_size", int, name)
-        codebook = _floats(_section(sections, f"{name}:codebook"), dtype, size, name)
-        symbols = _decode_indices(
-            _section(sections, f"{name}:values"),
-            entry.get("value_coding"),
-            _field(entry, "value_bits", int, name),
-            total,
-            name,
-        )
-        if symbols.size and int(symbols.max()) >= size:
-            raise DsqFormatError(f"tensor {name}: codebook index out of range")
-        return torch.from_numpy(codebook.astype(np.float32)[symbols]).reshape(shape)
+        codebook, symbols = _codebook_and_symbols(entry, sections, name, dtype, total, False)
+        return torch.from_numpy(codebook[symbols]).reshape(shape)
     ib = _field(entry, "index_bits", int, name)
     entries = _field(entry, "entries", int, name)
     if not 1 <= ib <= MAX_INDEX_BITS or entries > 8 * len(sections.get(f"{name}:index", b"")) + 1:
@@ -256,18 +265,8 @@ def decode_tensor(
         vals = _floats(_section(sections, f"{name}:values"), dtype, entries, name)
         vals = vals.astype(np.float32)
     else:
-        size = _field(entry, "codebook_size", int, name)
-        codebook = _floats(_section(sections, f"{name}:codebook"), dtype, size, name)
-        symbols = _decode_indices(
-            _section(sections, f"{name}:values"),
-            entry.get("value_coding"),
-            _field(entry, "value_bits", int, name),
-            entries,
-            name,
-        )
-        if symbols.size and int(symbols.max()) > size:
-            raise DsqFormatError(f"tensor {name}: codebook index out of range")
-        vals = np.append(codebook.astype(np.float32), np.float32(0))[symbols]
+        codebook, symbols = _codebook_and_symbols(entry, sections, name, dtype, entries, True)
+        vals = codebook[symbols]
     out = np.zeros(total, np.float32)
     out[positions] = vals
     return torch.from_numpy(out).reshape(shape)
