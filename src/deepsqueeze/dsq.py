@@ -4,10 +4,16 @@
 the fewest bytes its values allow (see :mod:`deepsqueeze.codec.tensor`) and writes the container
 atomically. ``load`` rebuilds the zoo model from the manifest's spec (resized when channels were
 pruned) and fills it with the decoded weights. ``inspect`` reports per-layer sizes from the file.
+
+Files are untrusted input: ``load`` and ``inspect`` check every manifest field and bound what they
+allocate by the file's size before decoding; the model is built on the meta device, checked
+against the stored shapes (and a shape-only forward pass) and only then given real memory, of
+exactly the stored size. Every defect raises :class:`DsqFormatError`.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,11 +26,24 @@ from torch.nn.utils import parametrize
 from deepsqueeze import models
 from deepsqueeze.codec.container import DsqFile, read_dsq, write_dsq
 from deepsqueeze.codec.tensor import decode_tensor, encode_tensor
-from deepsqueeze.errors import DeepSqueezeError, DsqFormatError
+from deepsqueeze.errors import DeepSqueezeError, DsqFormatError, ModelError
+from deepsqueeze.io import model_for_shapes
 from deepsqueeze.metrics.size import FP32_BYTES, parameter_count
 from deepsqueeze.pipeline.recipe import EncodeOptions
 
 FORMAT_NAME = "deepsqueeze-model"
+MAX_ELEMENTS = 1 << 28
+"""Most tensor elements a file may declare in all (1 GiB as float32)."""
+MAX_EXPANSION = 4096
+"""Most declared elements per byte of file (above a floor of ``2**22`` elements, 16 MiB)."""
+MAX_RANK = 8
+
+Source = str | Path | bytes | bytearray | memoryview
+"""A .dsq file: its path, or its bytes."""
+
+
+def _label(source: Source) -> str:
+    return "<bytes>" if isinstance(source, (bytes, bytearray, memoryview)) else str(source)
 
 
 def plain_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -180,57 +199,107 @@ def save(
 
 
 def _tensor_entries(dsq: DsqFile) -> list[dict[str, Any]]:
+    """The manifest's tensor entries, structurally checked (names, shapes, totals, meta types)."""
     meta = dsq.meta
     if meta.get("format") != FORMAT_NAME:
-        raise DsqFormatError(f"manifest format is {meta.get('format')!r}, expected {FORMAT_NAME!r}")
+        raise DsqFormatError(
+            f"manifest format is {meta.get('format')!r:.80}, expected {FORMAT_NAME!r}"
+        )
     tensors = meta.get("tensors")
     if not isinstance(tensors, list) or not all(isinstance(t, dict) for t in tensors):
         raise DsqFormatError("manifest 'tensors' must be a list of objects")
+    if not isinstance(meta.get("model"), dict):
+        raise DsqFormatError("manifest 'model' must be an object {name, kwargs}")
+    params = meta.get("parameters", [])
+    if not isinstance(params, list) or not all(isinstance(n, str) for n in params):
+        raise DsqFormatError("manifest 'parameters' must be a list of strings")
+    dense = meta.get("dense_parameters", 0)
+    if type(dense) is not int or dense < 0:
+        raise DsqFormatError(
+            f"manifest 'dense_parameters' must be a non-negative integer, found {dense!r:.80}"
+        )
+    seen: set[str] = set()
+    total = 0
+    for i, entry in enumerate(tensors):
+        name = entry.get("name")
+        if not isinstance(name, str) or not name:
+            raise DsqFormatError(f"tensor entry {i}: 'name' must be a non-empty string")
+        if name in seen:
+            raise DsqFormatError(f"tensor {name!r} appears twice in the manifest")
+        seen.add(name)
+        shape = entry.get("shape")
+        if (
+            not isinstance(shape, list)
+            or len(shape) > MAX_RANK
+            or not all(type(d) is int and d >= 0 for d in shape)
+        ):
+            raise DsqFormatError(
+                f"tensor {name!r}: shape must be a list of at most {MAX_RANK} non-negative "
+                f"integers, found {shape!r:.80}"
+            )
+        total += math.prod(shape)
+    limit = min(MAX_ELEMENTS, max(1 << 22, MAX_EXPANSION * dsq.file_size))
+    if total > limit:
+        raise DsqFormatError(
+            f"tensors declare {total} elements in all, over the limit of {limit} for a "
+            f"{dsq.file_size}-byte file"
+        )
     return tensors
 
 
-def load(path: str | Path) -> nn.Module:
-    """Load a .dsq file into an eval-mode zoo model holding exactly the stored weights."""
+def _decode(entry: dict[str, Any], sections: dict[str, bytes]) -> torch.Tensor:
+    tensor = decode_tensor(entry, sections)
+    if torch.is_floating_point(tensor) and not torch.isfinite(tensor).all():
+        raise DsqFormatError(
+            f"tensor {entry['name']!r} holds NaN or Inf values (deepsqueeze never writes them)"
+        )
+    return tensor
+
+
+def _skeleton(spec: models.ModelSpec, shapes: dict[str, tuple[int, ...]], where: str) -> nn.Module:
+    """The model of ``spec`` on the meta device, sized and checked for the stored ``shapes``."""
+    try:
+        return model_for_shapes(spec, shapes)
+    except ModelError as exc:
+        raise DsqFormatError(f"{where}: {exc}") from exc
+
+
+def load(path: Source) -> nn.Module:
+    """Load a .dsq file (a path or its bytes) into an eval-mode zoo model holding exactly the
+    stored weights. Any defect of the file raises :class:`DsqFormatError`."""
+    where = _label(path)
     dsq = read_dsq(path)
     entries = _tensor_entries(dsq)
     try:
         spec = models.ModelSpec.from_dict(dsq.meta.get("model"))
     except DeepSqueezeError as exc:
-        raise DsqFormatError(f"{path}: bad model spec in manifest: {exc}") from exc
-    state = {}
-    for entry in entries:
-        tensor = decode_tensor(entry, dsq.sections)
-        state[entry["name"]] = tensor
-    model = models.create(spec.name, **spec.kwargs)
-    expected = model.state_dict()
-    if set(state) != set(expected):
-        missing, extra = set(expected) - set(state), set(state) - set(expected)
-        raise DsqFormatError(
-            f"{path}: tensors do not fit model {spec.name}: missing {sorted(missing)[:5]}, "
-            f"unexpected {sorted(extra)[:5]}"
-        )
-    shapes = {k: tuple(v.shape) for k, v in state.items()}
-    if any(shapes[k] != tuple(v.shape) for k, v in expected.items()):
-        from deepsqueeze.methods.channel_pruning import resize_to_shapes
-
-        try:
-            model = resize_to_shapes(model, shapes)
-        except DeepSqueezeError as exc:
-            raise DsqFormatError(f"{path}: stored shapes do not fit {spec.name}: {exc}") from exc
-    for key, value in expected.items():
+        raise DsqFormatError(f"{where}: bad model spec in manifest: {exc}") from exc
+    model = _skeleton(spec, {e["name"]: tuple(e["shape"]) for e in entries}, where)
+    state = {entry["name"]: _decode(entry, dsq.sections) for entry in entries}
+    model = model.to_empty(device="cpu")  # real memory: exactly the stored shapes
+    for key, value in model.state_dict().items():
         state[key] = state[key].to(value.dtype)
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
-        raise DsqFormatError(f"{path}: stored tensors do not fit {spec.name}: {exc}") from exc
+        raise DsqFormatError(f"{where}: stored tensors do not fit {spec.name}: {exc}") from exc
     model.eval()
     return model
 
 
-def inspect(path: str | Path) -> FileReport:
-    """The per-layer size table of a .dsq file, computed from the file alone."""
+def inspect(path: Source) -> FileReport:
+    """The per-layer size table of a .dsq file, computed from the file alone.
+
+    The file is checked as fully as by :func:`load` (without allocating the model).
+    """
+    where = _label(path)
     dsq = read_dsq(path)
     entries = _tensor_entries(dsq)
+    try:
+        spec = models.ModelSpec.from_dict(dsq.meta["model"])
+    except DeepSqueezeError as exc:
+        raise DsqFormatError(f"{where}: bad model spec in manifest: {exc}") from exc
+    _skeleton(spec, {e["name"]: tuple(e["shape"]) for e in entries}, where)
     param_names = set(dsq.meta.get("parameters") or [])
     layers: dict[str, LayerRow] = {}
     for entry in entries:
@@ -245,12 +314,12 @@ def inspect(path: str | Path) -> FileReport:
         nbytes = sum(len(v) for k, v in dsq.sections.items() if k.startswith(f"{name}:"))
         row = layers.setdefault(layer, LayerRow(layer, 0, 0, "", None, None, 0, 0))
         is_weight = name.endswith(".weight") and layer != "(buffers)"
-        tensor = decode_tensor(entry, dsq.sections) if is_weight else None
+        tensor = _decode(entry, dsq.sections)  # every tensor: the report is of a valid file
         row.bytes += nbytes
         if layer != "(buffers)":
             row.weights += numel
             row.dense_bytes += numel * FP32_BYTES
-            row.kept += int(torch.count_nonzero(tensor)) if tensor is not None else numel
+            row.kept += int(torch.count_nonzero(tensor)) if is_weight else numel
         if is_weight:
             row.encoding = entry["encoding"]
             kept = max(int(torch.count_nonzero(tensor)), 1)
@@ -266,8 +335,8 @@ def inspect(path: str | Path) -> FileReport:
                 row.bits_per_index = 8 * len(secs.get(f"{name}:index", b"")) / kept
     dense = int(dsq.meta.get("dense_parameters", 0)) * FP32_BYTES
     return FileReport(
-        path=str(path),
-        model=str(dsq.meta.get("model", {}).get("name")),
+        path=_label(path),
+        model=str(dsq.meta["model"].get("name")),
         file_bytes=dsq.file_size,
         header_bytes=dsq.manifest_size,
         dense_bytes=dense,

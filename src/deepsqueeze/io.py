@@ -8,10 +8,11 @@ interrupted process leaves the previous good file intact. Every read uses
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pickle
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 
 from deepsqueeze import models
-from deepsqueeze.errors import CheckpointError
+from deepsqueeze.errors import CheckpointError, ModelError
 
 MODEL_FORMAT = "deepsqueeze-model"
 CHECKPOINT_FORMAT = "deepsqueeze-checkpoint"
@@ -70,8 +71,9 @@ def safe_load(path: str | Path, expected_format: str | None = None) -> dict[str,
             f"containers (a pickle payload?). Only weights are loaded from files, never code. "
             f"Detail: {str(exc).splitlines()[0]}"
         ) from exc
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: not a readable torch file ({exc})") from exc
+    except Exception as exc:  # a damaged archive or pickle can fail in many ways
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"{path}: not a readable torch file ({detail})") from exc
     if not isinstance(obj, dict) or "format" not in obj:
         raise CheckpointError(
             f"{path}: not a deepsqueeze file (no 'format' tag); save models with "
@@ -81,7 +83,30 @@ def safe_load(path: str | Path, expected_format: str | None = None) -> dict[str,
         raise CheckpointError(f"{path}: is a {obj['format']!r} file, expected {expected_format!r}")
     if obj.get("version", 0) > FORMAT_VERSION:
         raise CheckpointError(f"{path}: written by a newer deepsqueeze; upgrade to read it")
+    if obj["format"] == CHECKPOINT_FORMAT:
+        _check_checkpoint(obj, path)
     return obj
+
+
+def _check_checkpoint(obj: dict[str, Any], path: Path) -> None:
+    """The fields ``fit(resume=True)`` reads must be there with the right types."""
+    for key in ("model", "optimizer", "scheduler", "scaler"):
+        if not isinstance(obj.get(key), dict):
+            raise CheckpointError(f"{path}: checkpoint field {key!r} is missing or not a dict")
+    epoch = obj.get("epoch")
+    if type(epoch) is not int or epoch < 0:
+        raise CheckpointError(
+            f"{path}: checkpoint field 'epoch' must be a non-negative integer, got {epoch!r:.40}"
+        )
+    history = obj.get("history")
+    try:
+        records = json.loads(history) if isinstance(history, str) else None
+    except (ValueError, RecursionError):
+        records = None
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise CheckpointError(
+            f"{path}: checkpoint field 'history' must be a JSON list of per-epoch records"
+        )
 
 
 def save_model(model: nn.Module, path: str | Path, **extra: Any) -> Path:
@@ -101,21 +126,67 @@ def save_model(model: nn.Module, path: str | Path, **extra: Any) -> Path:
     return Path(path)
 
 
+def model_for_shapes(spec: models.ModelSpec, shapes: Mapping[str, tuple[int, ...]]) -> nn.Module:
+    """Zoo model ``spec`` sized for stored tensors of ``shapes``, on the meta device.
+
+    Nothing is allocated, so a forged spec (``in_features: 10**12``) costs nothing; give the
+    result memory of exactly the stored sizes with ``model.to_empty(device="cpu")`` and fill it
+    with ``load_state_dict``. Raises :class:`ModelError` when the spec cannot be built, the
+    tensor names are not the model's, a stored shape is larger than the model's (channel pruning
+    only shrinks layers) or the shapes do not chain (a shape-only forward pass fails).
+    """
+    try:
+        with torch.device("meta"):
+            model = models.create(spec.name, **spec.kwargs)
+    except Exception as exc:  # a forged spec can make a factory fail in any way
+        raise ModelError(f"model spec cannot be built: {_first_line(exc)}") from exc
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if set(shapes) != set(expected):
+        missing, extra = set(expected) - set(shapes), set(shapes) - set(expected)
+        raise ModelError(
+            f"tensors do not fit model {spec.name}: missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(extra)[:5]}"
+        )
+    for key, shape in shapes.items():
+        want = expected[key]
+        if len(shape) != len(want) or any(d > w for d, w in zip(shape, want, strict=True)):
+            raise ModelError(
+                f"stored {key!r} has shape {list(shape)}, which does not fit {spec.name}'s "
+                f"{list(want)} (a stored layer may only be smaller)"
+            )
+    try:
+        if dict(shapes) != expected:
+            from deepsqueeze.methods.channel_pruning import resize_to_shapes  # channel-pruned
+
+            model = resize_to_shapes(model, shapes)
+        model.eval()
+        with torch.no_grad():
+            model(torch.empty((1, *models.input_shape_of(model)), device="meta"))
+    except Exception as exc:
+        raise ModelError(
+            f"stored shapes do not form a working {spec.name}: {_first_line(exc)}"
+        ) from exc
+    return model
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc)
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def model_from_state(obj: dict[str, Any], source: str | Path) -> nn.Module:
     """Rebuild a zoo model from a loaded model file or checkpoint dict."""
     try:
         spec = models.ModelSpec.from_dict(obj["model_spec"])
-        model = models.create(spec.name, **spec.kwargs)
         state = obj["state_dict"] if "state_dict" in obj else obj["model"]
-        expected = model.state_dict()
-        if any(
-            k in expected and tuple(v.shape) != tuple(expected[k].shape) for k, v in state.items()
+        if not isinstance(state, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
         ):
-            from deepsqueeze.methods.channel_pruning import resize_to_shapes  # channel-pruned
-
-            model = resize_to_shapes(model, state)
+            raise TypeError("the weights are not a dict of named tensors")
+        model = model_for_shapes(spec, {k: tuple(v.shape) for k, v in state.items()})
+        model = model.to_empty(device="cpu")  # memory for exactly the stored shapes
         model.load_state_dict(state)
-    except (KeyError, TypeError, RuntimeError) as exc:
+    except (KeyError, TypeError, RuntimeError, ModelError) as exc:
         raise CheckpointError(f"{source}: model spec and weights do not fit: {exc}") from exc
     return model
 

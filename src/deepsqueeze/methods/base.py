@@ -47,6 +47,12 @@ def select_layers(
     """
     named = {name: mod for name, mod in model.named_modules() if name}
     candidates = {name: mod for name, mod in named.items() if isinstance(mod, supported)}
+    if not candidates:
+        kinds = sorted({type(m).__name__ for m in named.values()}) or ["(no submodules)"]
+        raise ModelError(
+            f"{type(model).__name__} has no layer this method can handle: its layers are of "
+            f"types {kinds}; supported: {sorted(t.__name__ for t in supported)}"
+        )
     if not patterns:
         return candidates
     chosen: dict[str, nn.Module] = {}
@@ -123,7 +129,7 @@ def register_method(cls: type[Method]) -> type[Method]:
     return cls
 
 
-def create_method(name: str, **params: Any) -> Method:
+def create_method(name: str, /, **params: Any) -> Method:
     """Instantiate a registered method by name with validated parameters."""
     if name not in METHODS:
         raise RecipeError(f"unknown method {name!r}; known: {', '.join(sorted(METHODS))}")

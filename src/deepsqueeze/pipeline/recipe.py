@@ -20,12 +20,13 @@ Every error names the field that is wrong (``stages.1.finetune.lr: ...``).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 import deepsqueeze.methods  # noqa: F401  (registers every method)
+from deepsqueeze.codec.tensor import MAX_INDEX_BITS
 from deepsqueeze.errors import RecipeError
 from deepsqueeze.methods.base import METHODS, Method, create_method
 from deepsqueeze.training.loop import TrainConfig
@@ -37,8 +38,9 @@ class EncodeOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     huffman: bool = Field(True, description="Huffman-code indices and gaps when that is smaller")
-    index_bits: int | Literal["auto"] = Field(
-        "auto", description="bits per relative index of sparse positions; auto picks the smallest"
+    index_bits: Annotated[int, Field(ge=1, le=MAX_INDEX_BITS)] | Literal["auto"] = Field(
+        "auto", description="bits per relative index of sparse positions (1..16; the reader "
+        "refuses wider); auto picks the smallest"
     )
     codebook_dtype: Literal["float32", "float16"] = "float32"
     dense_dtype: Literal["float32", "float16"] = Field(
