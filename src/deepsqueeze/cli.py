@@ -33,11 +33,15 @@ Progress = Annotated[bool, typer.Option("--progress/--no-progress", help="Show p
 
 @app.command()
 def train(
-    model: Annotated[str, typer.Option(help="Zoo model name (see `deepsqueeze models`).")] = "lenet5",
+    model: Annotated[str, typer.Option(help="Zoo model name (see `deepsqueeze models`).")
+                     ] = "lenet5",
     dataset: Annotated[str, typer.Option(help="Dataset name.")] = "mnist",
-    out: Annotated[Path | None, typer.Option(help="Run folder for checkpoints, log and model.")] = None,
-    epochs: Annotated[float | None, typer.Option(help="Epochs (default: the model's recipe).")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Batch size.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Run folder for checkpoints, log and model.")
+                   ] = None,
+    epochs: Annotated[float | None, typer.Option(help="Epochs (default: the model's recipe).")
+                      ] = None,
+    batch_size: Annotated[int | None, typer.Option(
+        help="Batch size (the global batch when distributed).")] = None,
     lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
     optimizer: Annotated[str | None, typer.Option(help="sgd | adam | adamw.")] = None,
     weight_decay: Annotated[float | None, typer.Option(help="Weight decay.")] = None,
@@ -49,8 +53,26 @@ def train(
     resume: Annotated[bool, typer.Option(help="Continue the run in --out.")] = False,
     data_dir: DataDir = None,
     progress: Progress = True,
+    nproc: Annotated[int | None, typer.Option(
+        help="Train data-parallel in N local processes (runs torchrun for you; --batch-size "
+             "stays the global batch). Multi-node: see docs/training.md.")] = None,
+    dist_timeout: Annotated[float | None, typer.Option(
+        help="Distributed only: seconds a collective may wait for a rank before the job "
+             "fails (default 300; also $DEEPSQUEEZE_DIST_TIMEOUT).")] = None,
 ) -> None:
     """Train a zoo model; writes checkpoint.pt every epoch, metrics.jsonl and model.pt."""
+    import os
+
+    from deepsqueeze.training import distributed
+
+    if dist_timeout is not None:
+        if dist_timeout <= 0:
+            raise DeepSqueezeError(f"--dist-timeout must be positive, got {dist_timeout}")
+        os.environ[distributed.ENV_TIMEOUT] = str(dist_timeout)
+    if nproc is not None:
+        argv = distributed.strip_option(sys.argv[1:], "--nproc")
+        raise typer.Exit(distributed.launch_torchrun(argv, nproc))
+
     from deepsqueeze.training import train as run_train
 
     result = run_train(
@@ -59,6 +81,12 @@ def train(
         precision=precision, seed=seed, device=device, data_dir=data_dir, subset=subset,
         progress=progress,
     )
+    distributed.shutdown_distributed()
+    if not distributed.is_main_process():
+        return  # under torchrun only rank 0 reports
+    if resume and out is not None and (out / "run.json").is_file():  # names as recorded
+        recorded = json.loads((out / "run.json").read_text())
+        model, dataset = recorded["model"], recorded["dataset"]
     fit = result.fit
     acc = f"{fit.test_accuracy:.2%}" if fit.test_accuracy is not None else "n/a"
     console.print(f"trained {model} on {dataset}: test accuracy {acc} in {fit.train_time_s:.1f} s")

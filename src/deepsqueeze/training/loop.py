@@ -8,6 +8,7 @@ replays exactly the batches an uninterrupted run would have seen.
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import time
@@ -20,13 +21,23 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from deepsqueeze import models
 from deepsqueeze.data import ImageDataset
 from deepsqueeze.errors import CheckpointError, DeepSqueezeError
 from deepsqueeze.io import CHECKPOINT_FORMAT, FORMAT_VERSION, atomic_save, safe_load
-from deepsqueeze.metrics.accuracy import accuracy_and_loss
+from deepsqueeze.metrics.accuracy import AccuracyResult, accuracy_and_loss
 from deepsqueeze.progress import progress_bar
+from deepsqueeze.training.distributed import (
+    DistributedContext,
+    all_reduce_max,
+    all_reduce_sum,
+    barrier,
+    collective_failure,
+    ensure_distributed,
+    shard_batch,
+)
 from deepsqueeze.training.precision import Precision, resolve_device, resolve_precision
 
 StepHook = Callable[[int, nn.Module], None]
@@ -75,15 +86,32 @@ def epoch_order(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(num_samples, generator=gen)
 
 
-def augment_batch(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tensor:
-    """Random crop (zero padding ``pad``) and horizontal flip, as for CIFAR in He et al. 2016."""
+def augment_batch(
+    x: torch.Tensor,
+    gen: torch.Generator,
+    pad: int = 4,
+    *,
+    positions: torch.Tensor | None = None,
+    total: int | None = None,
+) -> torch.Tensor:
+    """Random crop (zero padding ``pad``) and horizontal flip, as for CIFAR in He et al. 2016.
+
+    With ``positions``/``total`` (a distributed rank's shard), the random draws are made for the
+    whole global batch of ``total`` samples and row ``j`` of ``x`` uses those of global position
+    ``positions[j]``: every sample is augmented as in a single-process run.
+    """
     n, _, h, w = x.shape
-    flip = torch.rand(n, generator=gen) < 0.5
+    m = n if positions is None else int(total if total is not None else n)
+    flip = torch.rand(m, generator=gen) < 0.5
+    dy = torch.randint(0, 2 * pad + 1, (m,), generator=gen)
+    dx = torch.randint(0, 2 * pad + 1, (m,), generator=gen)
+    if positions is not None:
+        pos = positions.cpu()
+        flip, dy, dx = flip[pos], dy[pos], dx[pos]
     x = torch.where(flip.view(n, 1, 1, 1).to(x.device), x.flip(3), x)
     padded = F.pad(x, (pad, pad, pad, pad))
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen).tolist()
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen).tolist()
-    return torch.stack([padded[i, :, a : a + h, b : b + w] for i, (a, b) in enumerate(zip(dy, dx))])
+    offsets = zip(dy.tolist(), dx.tolist(), strict=True)
+    return torch.stack([padded[i, :, a : a + h, b : b + w] for i, (a, b) in enumerate(offsets)])
 
 
 def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -143,9 +171,21 @@ def fit(
 
     With ``out_dir``, a checkpoint is written atomically after every epoch and one JSON line per
     epoch is appended to ``metrics.jsonl``; ``resume=True`` continues from that checkpoint.
+
+    Under ``torchrun`` (world size > 1) the run is synchronous data-parallel (see
+    ``deepsqueeze.training.distributed``): the model is wrapped in ``DistributedDataParallel``,
+    ``config.batch_size`` is the GLOBAL batch and each rank trains on its share of it, so the
+    updates equal a single-process run's. Every rank runs ``step_hooks`` after every step on its
+    own replica, so hooks must be deterministic functions of ``(step, model)`` (they then keep,
+    e.g., pruning masks identical on every rank) and must not add or remove parameters. Only
+    rank 0 writes files and draws the progress bar; every rank reads the checkpoint on resume
+    and returns the same history.
     """
     cfg = config or TrainConfig()
     device = resolve_device(cfg.device)
+    ctx = ensure_distributed(device)
+    if ctx.is_distributed and ctx.device is not None:
+        device = ctx.device  # CUDA: this rank's GPU (LOCAL_RANK)
     policy = resolve_precision(cfg.precision, device)
     model.to(device)
     x_train = train_set.normalized().to(device)
@@ -183,7 +223,9 @@ def fit(
             start_epoch = int(state["epoch"])
             result.history = json.loads(state["history"])
             result.resumed_from_epoch = start_epoch
-    if out is not None:
+    if ctx.is_distributed:
+        _check_same_start(start_epoch, ctx, out)
+    if out is not None and ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
         metrics_path = out / METRICS_NAME
         if not resume:
@@ -191,69 +233,115 @@ def fit(
 
     step = start_epoch * steps_per_epoch
     t_start = time.perf_counter()
-    with progress_bar(enabled=progress) as bar:
-        for epoch in range(start_epoch, num_epochs):
-            epoch_steps = min(steps_per_epoch, total_steps - epoch * steps_per_epoch)
-            task = bar.add_task(
-                f"{description} epoch {epoch + 1}/{num_epochs}", total=epoch_steps, status=""
+    net: nn.Module = model  # what is trained: the model, or its DDP wrapper
+    try:
+        if ctx.is_distributed:
+            # broadcasts rank 0's parameters and buffers; averages gradients in backward.
+            # Parameters the forward never uses (e.g. the original weight under a weight-sharing
+            # parametrization) need DDP's unused-parameter detection.
+            net = DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None,
+                find_unused_parameters=bool(_unused_parameters(model, x_train[:2])),
             )
-            status = ""
-            order = epoch_order(n, cfg.seed, epoch).to(device)
-            aug_gen = torch.Generator().manual_seed(cfg.seed * 7919 + epoch)
-            model.train()
-            loss_sum = torch.zeros((), device=device)
-            correct = torch.zeros((), device=device, dtype=torch.long)
-            seen = 0
-            t_epoch = time.perf_counter()
-            for i in range(epoch_steps):
-                idx = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
-                x, y = x_train[idx], y_train[idx]
-                if augment:
-                    x = augment_batch(x, aug_gen)
-                with policy.autocast(device):
-                    logits = model(x)
-                    loss = F.cross_entropy(logits.float(), y)
-                if not torch.isfinite(loss):
-                    raise DeepSqueezeError(
-                        f"loss became {loss.item()} at epoch {epoch + 1} step {i + 1}; "
-                        "lower the learning rate (--lr) or use --precision fp32"
-                    )
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-                sched.step()
-                for hook in step_hooks:
-                    hook(step, model)
-                step += 1
-                loss_sum += loss.detach() * len(y)
-                correct += (logits.argmax(1) == y).sum()
-                seen += len(y)
-                if i % 20 == 0 or i == epoch_steps - 1:
-                    status = f"loss {loss_sum.item() / seen:.4f} acc {correct.item() / seen:.2%}"
-                    bar.update(task, completed=i + 1, status=status)
-            record: dict[str, Any] = {
-                "epoch": epoch + 1,
-                "step": step,
-                "train_loss": loss_sum.item() / max(seen, 1),
-                "train_accuracy": correct.item() / max(seen, 1),
-                "lr": opt.param_groups[0]["lr"],
-                "epoch_time_s": time.perf_counter() - t_epoch,
-                "samples_per_s": seen / max(time.perf_counter() - t_epoch, 1e-9),
-            }
-            if x_test is not None and test_set is not None:
-                acc = accuracy_and_loss(model, x_test, test_set.labels, 1000, policy.autocast_dtype)
-                record.update(test_accuracy=acc.accuracy, test_loss=acc.loss)
-                result.test_accuracy, result.test_loss = acc.accuracy, acc.loss
-                bar.update(task, status=f"{status} | test acc {acc.accuracy:.2%}")
-            result.history.append(record)
-            if out is not None:
-                with (out / METRICS_NAME).open("a") as handle:
-                    handle.write(json.dumps(record) + "\n")
-                atomic_save(
-                    _checkpoint_state(model, opt, sched, scaler, epoch + 1, cfg, result.history),
-                    out / CHECKPOINT_NAME,
+        with progress_bar(enabled=progress and ctx.is_main) as bar:
+            for epoch in range(start_epoch, num_epochs):
+                epoch_steps = min(steps_per_epoch, total_steps - epoch * steps_per_epoch)
+                task = bar.add_task(
+                    f"{description} epoch {epoch + 1}/{num_epochs}", total=epoch_steps, status=""
                 )
+                status = ""
+                order = epoch_order(n, cfg.seed, epoch).to(device)
+                aug_gen = torch.Generator().manual_seed(cfg.seed * 7919 + epoch)
+                net.train()
+                # loss sum, correct, samples: this rank's; summed over the ranks when shown
+                stats = torch.zeros(3, dtype=torch.float64, device=device)
+                shown = stats.clone()
+                t_epoch = time.perf_counter()
+                for i in range(epoch_steps):
+                    batch = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
+                    shard = None
+                    if ctx.is_distributed:  # this rank's share of the global batch
+                        shard = shard_batch(batch, ctx.rank, ctx.world_size)
+                    idx = batch if shard is None else shard.indices
+                    x, y = x_train[idx], y_train[idx]
+                    if augment:
+                        x = augment_batch(x, aug_gen, total=len(batch),
+                                          positions=None if shard is None else shard.positions)
+                    with policy.autocast(device):
+                        logits = net(x)
+                        if shard is None:
+                            loss = F.cross_entropy(logits.float(), y)
+                        else:
+                            # sum over real samples x W / global batch: once DDP averages over
+                            # the W ranks, the gradient is the mean over the global batch
+                            per_sample = shard.weight * F.cross_entropy(
+                                logits.float(), y, reduction="none"
+                            )
+                            loss = per_sample.sum() * (ctx.world_size / shard.global_size)
+                    if not torch.isfinite(loss):
+                        where = f" on rank {ctx.rank}" if ctx.is_distributed else ""
+                        raise DeepSqueezeError(
+                            f"loss became {loss.item()} at epoch {epoch + 1} step {i + 1}{where}; "
+                            "lower the learning rate (--lr) or use --precision fp32"
+                        )
+                    opt.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()
+                    scaler.step(opt)
+                    scaler.update()
+                    sched.step()
+                    for hook in step_hooks:
+                        hook(step, model)
+                    step += 1
+                    hits = (logits.detach().argmax(1) == y).double()
+                    if shard is None:
+                        stats[0] += loss.detach().double() * len(y)
+                        stats[1] += hits.sum()
+                        stats[2] += len(y)
+                    else:
+                        stats[0] += per_sample.detach().sum().double()
+                        stats[1] += (hits * shard.weight).sum()
+                        stats[2] += shard.weight.sum().double()
+                    if i % 20 == 0 or i == epoch_steps - 1:
+                        shown = all_reduce_sum(stats.clone(), ctx)  # every rank, same steps
+                        seen = max(float(shown[2]), 1.0)
+                        status = (f"loss {float(shown[0]) / seen:.4f} "
+                                  f"acc {float(shown[1]) / seen:.2%}")
+                        bar.update(task, completed=i + 1, status=status)
+                seen, elapsed = max(float(shown[2]), 1.0), time.perf_counter() - t_epoch
+                record: dict[str, Any] = {
+                    "epoch": epoch + 1,
+                    "step": step,
+                    "train_loss": float(shown[0]) / seen,
+                    "train_accuracy": float(shown[1]) / seen,
+                    "lr": opt.param_groups[0]["lr"],
+                    "epoch_time_s": elapsed,
+                    "samples_per_s": float(shown[2]) / max(elapsed, 1e-9),
+                }
+                if ctx.is_distributed:
+                    record["world_size"] = ctx.world_size
+                if x_test is not None and test_set is not None:
+                    acc = _evaluate(model, x_test, test_set.labels, policy.autocast_dtype, ctx)
+                    record.update(test_accuracy=acc.accuracy, test_loss=acc.loss)
+                    result.test_accuracy, result.test_loss = acc.accuracy, acc.loss
+                    bar.update(task, status=f"{status} | test acc {acc.accuracy:.2%}")
+                result.history.append(record)
+                if out is not None and ctx.is_main:
+                    with (out / METRICS_NAME).open("a") as handle:
+                        handle.write(json.dumps(record) + "\n")
+                    atomic_save(
+                        _checkpoint_state(model, opt, sched, scaler, epoch + 1, cfg,
+                                          result.history),
+                        out / CHECKPOINT_NAME,
+                    )
+                barrier(ctx)  # no rank goes on (or returns) before the checkpoint is written
+    except RuntimeError as exc:
+        if ctx.is_distributed and _is_collective_failure(exc):
+            raise collective_failure(exc, ctx) from exc
+        raise
+    finally:
+        if net is not model:  # the DDP wrapper must not outlive the run: its reducer's
+            del net  # gradient hooks go with it, before a later stage wraps the model again
+            gc.collect()
     result.train_time_s = time.perf_counter() - t_start
     result.epochs_completed = num_epochs
     if result.test_accuracy is None and result.history and "test_accuracy" in result.history[-1]:
@@ -261,3 +349,72 @@ def fit(
         result.test_loss = result.history[-1]["test_loss"]
     model.eval()
     return result
+
+
+_COLLECTIVE_MARKERS = ("gloo", "nccl", "timed out", "connection", "broken pipe", "peer",
+                       "process group", "processgroup", "watchdog")
+
+
+def _is_collective_failure(exc: BaseException) -> bool:
+    dist_error = getattr(torch.distributed, "DistError", None)
+    if dist_error is not None and isinstance(exc, dist_error):
+        return True
+    text = str(exc).lower()
+    return any(marker in text for marker in _COLLECTIVE_MARKERS)
+
+
+def _unused_parameters(model: nn.Module, x: torch.Tensor) -> list[str]:
+    """Names of trainable parameters that get no gradient from a forward pass on ``x``.
+
+    A dry run in eval mode; buffers (batch-norm statistics, observers) are restored after it.
+    """
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad():
+            out = model(x)
+            grads = torch.autograd.grad(out.float().sum(), [p for _, p in named],
+                                        allow_unused=True)
+    finally:
+        model.train(was_training)
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
+    return [name for (name, _), g in zip(named, grads, strict=True) if g is None]
+
+
+def _check_same_start(start_epoch: int, ctx: DistributedContext, out: Path | None) -> None:
+    """Every rank must resume from the same epoch (a checkpoint missing on one node would not)."""
+    bounds = torch.tensor([start_epoch, -start_epoch], dtype=torch.float64, device=ctx.device)
+    all_reduce_max(bounds, ctx)
+    high, low = int(bounds[0]), -int(bounds[1])
+    if high != low:
+        raise DeepSqueezeError(
+            f"rank {ctx.rank} would resume from epoch {start_epoch} but the ranks disagree "
+            f"(epochs {low}..{high}): every node must see the same {out}/{CHECKPOINT_NAME} "
+            "(put --out on a shared filesystem)"
+        )
+
+
+def _evaluate(
+    model: nn.Module,
+    x_test: torch.Tensor,
+    labels: torch.Tensor,
+    autocast_dtype: torch.dtype | None,
+    ctx: DistributedContext,
+) -> AccuracyResult:
+    """Test accuracy and loss; distributed: each rank scores an equal slice, sums all-reduced."""
+    if not ctx.is_distributed:
+        return accuracy_and_loss(model, x_test, labels, 1000, autocast_dtype)
+    part = torch.tensor_split(torch.arange(len(labels)), ctx.world_size)[ctx.rank]
+    local = accuracy_and_loss(model, x_test[part.to(x_test.device)], labels[part], 1000,
+                              autocast_dtype)
+    sums = torch.tensor(
+        [round(local.accuracy * local.samples), local.loss * local.samples, local.samples],
+        dtype=torch.float64, device=ctx.device,
+    )
+    all_reduce_sum(sums, ctx)
+    total = max(int(sums[2]), 1)
+    return AccuracyResult(float(sums[0]) / total, float(sums[1]) / total, int(sums[2]))

@@ -20,6 +20,7 @@ from deepsqueeze import models
 from deepsqueeze.data import ImageDataset, load_dataset
 from deepsqueeze.errors import DeepSqueezeError, ModelError
 from deepsqueeze.io import atomic_write, save_model
+from deepsqueeze.training.distributed import is_main_process
 from deepsqueeze.training.loop import CHECKPOINT_NAME, FitResult, TrainConfig, fit
 
 RUN_NAME = "run.json"
@@ -28,8 +29,9 @@ MODEL_NAME = "model.pt"
 # Recipes that reach the documented baselines (benchmarks/baselines.py measures them).
 RECOMMENDED: dict[str, dict[str, Any]] = {
     "lenet300": {"epochs": 20, "lr": 0.1, "weight_decay": 1e-4, "batch_size": 128},
-    "lenet5": {"epochs": 12, "lr": 0.05, "weight_decay": 5e-4, "batch_size": 128},
-    "lenet5-classic": {"epochs": 15, "lr": 0.05, "weight_decay": 5e-4, "batch_size": 128},
+    # Caffe LeNet-5 has no ReLU between its convolutions: lr 0.05 diverges, Caffe used 0.01.
+    "lenet5": {"epochs": 12, "lr": 0.01, "weight_decay": 5e-4, "batch_size": 64},
+    "lenet5-classic": {"epochs": 15, "lr": 0.02, "weight_decay": 5e-4, "batch_size": 128},
 }
 
 
@@ -44,7 +46,8 @@ class TrainResult:
 
 
 def model_kwargs_for(name: str, dataset: ImageDataset, overrides: dict[str, Any]) -> dict[str, Any]:
-    """Fill ``in_channels``/``num_classes``/``input_size`` from the dataset where the model has them."""
+    """Fill ``in_channels``/``num_classes``/``input_size`` from the dataset where the model
+    has them."""
     accepted = set(models.model_info(name).default_kwargs)
     derived = {
         "in_channels": dataset.input_shape[0],
@@ -69,11 +72,14 @@ def check_fits(model: nn.Module, dataset: ImageDataset) -> None:
 
 
 def _config_from(options: dict[str, Any], model_name: str) -> TrainConfig:
-    merged = {**RECOMMENDED.get(model_name, {}), **{k: v for k, v in options.items() if v is not None}}
+    given = {k: v for k, v in options.items() if v is not None}
+    merged = {**RECOMMENDED.get(model_name, {}), **given}
     fields = set(TrainConfig.model_fields)
     unknown = set(merged) - fields
     if unknown:
-        raise DeepSqueezeError(f"unknown training options {sorted(unknown)}; known: {sorted(fields)}")
+        raise DeepSqueezeError(
+            f"unknown training options {sorted(unknown)}; known: {sorted(fields)}"
+        )
     return TrainConfig(**merged)
 
 
@@ -102,6 +108,10 @@ def train(
     Options left as ``None`` take the model's recommended value (see ``RECOMMENDED``), then the
     ``TrainConfig`` default. ``resume=True`` continues the run in ``out`` from its last epoch
     checkpoint with the options recorded in ``out/run.json`` (``epochs`` may be raised).
+
+    Under ``torchrun`` every process calls ``train`` unchanged: training is data-parallel with
+    ``batch_size`` the global batch, only rank 0 writes the run folder (other ranks get
+    ``model_path=None``), and ``out`` must be a folder every node sees for ``resume``.
     """
     options = {
         "epochs": epochs, "batch_size": batch_size, "lr": lr, "optimizer": optimizer,
@@ -136,14 +146,15 @@ def train(
     net = models.create(model, **kwargs)
     check_fits(net, train_set)
 
-    if out_dir is not None and not resume:
+    main = is_main_process()  # under torchrun only rank 0 writes the run folder
+    if out_dir is not None and not resume and main:
         with atomic_write(run_file, "w") as handle:
             json.dump({"model": model, "dataset": dataset, "subset": subset,
                        "model_kwargs": model_kwargs, "config": cfg.model_dump()}, handle, indent=2)
     result = fit(net, train_set, cfg, test_set=test_set, out_dir=out_dir, resume=resume,
                  progress=progress, description=f"{model}/{dataset}")
     model_path = None
-    if out_dir is not None:
+    if out_dir is not None and main:
         model_path = save_model(
             net.cpu(), out_dir / MODEL_NAME, dataset=dataset,
             metrics=json.dumps({"test_accuracy": result.test_accuracy,
