@@ -144,12 +144,21 @@ def compress(
             )
         )
     if out is not None:
-        from deepsqueeze.dsq import load, save
+        from deepsqueeze.dsq import inspect, load, save
+        from deepsqueeze.training.distributed import barrier, current_context, is_main_process
 
+        # under torchrun every rank holds the same model: rank 0 writes, the others read it back
+        if not is_main_process():
+            barrier(current_context())
+            result.file_report, result.path = inspect(out), Path(out)
+            if evaluate_file:
+                result.file_accuracy = test_accuracy(load(out))
+            return result
         result.file_report = save(
             model, out, encode=recipe.encode, extra_meta={"recipe": recipe.name, "dataset": dataset}
         )
         result.path = Path(out)
+        barrier(current_context())
         if evaluate_file:
             result.file_accuracy = test_accuracy(load(out))
     return result
