@@ -8,7 +8,7 @@ ifneq ($(wildcard ../shared/data),)
 export DEEPSQUEEZE_DATA ?= $(abspath ../shared/data)
 endif
 
-.PHONY: demo test install dev lint bench clean
+.PHONY: demo test install dev lint bench fuzz clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,12 @@ lint: dev
 bench: install
 	$(PY) benchmarks/baselines.py
 	$(PY) benchmarks/deep_compression.py
+
+# Coverage-guided fuzzing of the .dsq reader (docs/reliability.md). Needs atheris, which is not
+# a dependency: `$(PY) -m pip install atheris`; without it the harness explains and skips.
+FUZZ_RUNS ?= 20000
+fuzz: install
+	$(PY) benchmarks/fuzz_dsq.py -atheris_runs=$(FUZZ_RUNS)
 
 clean:
 	rm -rf runs .pytest_cache

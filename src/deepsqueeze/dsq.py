@@ -172,7 +172,7 @@ def save(
         k for k, v in state.items() if torch.is_floating_point(v) and not torch.isfinite(v).all()
     ]
     if bad:
-        raise DeepSqueezeError(f"refusing to save: NaN or Inf values in {', '.join(bad)}")
+        raise ModelError(f"refusing to save: NaN or Inf values in {', '.join(bad)}")
     original = models.create(spec.name, **spec.kwargs)
     entries, sections = [], {}
     for key, tensor in state.items():

@@ -12,6 +12,7 @@ import json
 import os
 import pickle
 import tempfile
+import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
@@ -63,6 +64,7 @@ def safe_load(path: str | Path, expected_format: str | None = None) -> dict[str,
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
+    _check_archive(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -86,6 +88,38 @@ def safe_load(path: str | Path, expected_format: str | None = None) -> dict[str,
     if obj["format"] == CHECKPOINT_FORMAT:
         _check_checkpoint(obj, path)
     return obj
+
+
+def _check_archive(path: Path) -> None:
+    """Verify the CRC-32 of every member of a torch.save zip archive (torch.load does not).
+
+    A flipped bit in the weights would otherwise load silently. Members must be stored
+    uncompressed and no larger than the file, as torch.save writes them, so checking costs one
+    read of the file whatever the archive claims. Files that are not zip archives (the legacy
+    torch format, or garbage) are left to torch.load.
+    """
+    try:
+        if not zipfile.is_zipfile(path):
+            return
+        size = path.stat().st_size
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if info.compress_type != zipfile.ZIP_STORED or info.file_size > size:
+                    raise CheckpointError(
+                        f"{path}: damaged or foreign archive: member {info.filename!r} is "
+                        "compressed or larger than the file (torch.save writes neither)"
+                    )
+            bad = archive.testzip()
+    except CheckpointError:
+        raise
+    except Exception as exc:  # a damaged archive can fail in many ways
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"{path}: damaged archive ({detail})") from exc
+    if bad is not None:
+        raise CheckpointError(
+            f"{path}: damaged: the checksum of {bad!r} does not match its bytes "
+            "(a truncated or corrupted file)"
+        )
 
 
 def _check_checkpoint(obj: dict[str, Any], path: Path) -> None:
@@ -164,7 +198,8 @@ def model_for_shapes(spec: models.ModelSpec, shapes: Mapping[str, tuple[int, ...
             model(torch.empty((1, *models.input_shape_of(model)), device="meta"))
     except Exception as exc:
         raise ModelError(
-            f"stored shapes do not form a working {spec.name}: {_first_line(exc)}"
+            f"stored shapes do not form a working {spec.name} with options {spec.kwargs}: "
+            f"{_first_line(exc)}"
         ) from exc
     return model
 

@@ -296,7 +296,9 @@ def read_dsq(
                 raise DsqFormatError(
                     f"{path}: file is {size} bytes, over the {max_size}-byte limit"
                 )
-            data = handle.read(max_size + 1)
+            # read(n) allocates n bytes up front: ask for what fstat says is there (+1 to
+            # see a file that grew meanwhile; parse_dsq re-checks the limit)
+            data = handle.read(size + 1)
     except OSError as exc:
         raise DsqFormatError(f"{path}: cannot read: {exc.strerror or exc}") from exc
     try:
