@@ -234,6 +234,7 @@ def write_dsq(
     head, views = _build(meta, sections)
     path = Path(path)
     folder = path.parent
+    folder.mkdir(parents=True, exist_ok=True)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
     for _ in range(100):
         tmp = folder / f".{path.name}.{secrets.token_hex(6)}.tmp"
