@@ -25,13 +25,13 @@ from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from baselines import ensure_baseline  # noqa: E402
+from baselines import ensure_baseline
 
-import deepsqueeze  # noqa: E402
-from deepsqueeze.data import load_dataset  # noqa: E402
-from deepsqueeze.io import atomic_write, load_model  # noqa: E402
-from deepsqueeze.metrics.accuracy import accuracy_and_loss  # noqa: E402
-from deepsqueeze.metrics.size import dense_fp32_bytes  # noqa: E402
+import deepsqueeze
+from deepsqueeze.data import load_dataset
+from deepsqueeze.io import atomic_write, load_model
+from deepsqueeze.metrics.accuracy import accuracy_and_loss
+from deepsqueeze.metrics.size import dense_fp32_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "deep_compression.json"
@@ -42,8 +42,10 @@ PIPELINES = [
     ("lenet5", "mnist", "recipes/deep-compression-lenet5.yaml"),
     ("lenet5", "fashion-mnist", "recipes/deep-compression-lenet5.yaml"),
 ]
-PAPER = {"lenet300": {"ratio": 40, "error_before": 1.64, "error_after": 1.58},
-         "lenet5": {"ratio": 39, "error_before": 0.80, "error_after": 0.74}}
+PAPER = {
+    "lenet300": {"ratio": 40, "error_before": 1.64, "error_after": 1.58},
+    "lenet5": {"ratio": 39, "error_before": 0.80, "error_after": 0.74},
+}
 
 
 def _saved_bytes(obj: object) -> bytes:
@@ -67,18 +69,34 @@ def pytorch_peer_rows(model: nn.Module, sparsity: float, accuracy) -> list[dict]
     acc_pruned = accuracy(pruned)
     acc_q = accuracy(quantized)
     return [
-        {"method": "torch prune (global L1) + torch.save", "bytes": len(raw),
-         "ratio": dense / len(raw), "accuracy": acc_pruned, "fine_tuned": False},
-        {"method": "torch prune + torch.save + gzip -9", "bytes": len(zipped),
-         "ratio": dense / len(zipped), "accuracy": acc_pruned, "fine_tuned": False},
-        {"method": "torch prune + dynamic int8 + gzip -9", "bytes": len(q_zipped),
-         "ratio": dense / len(q_zipped), "accuracy": acc_q, "fine_tuned": False},
+        {
+            "method": "torch prune (global L1) + torch.save",
+            "bytes": len(raw),
+            "ratio": dense / len(raw),
+            "accuracy": acc_pruned,
+            "fine_tuned": False,
+        },
+        {
+            "method": "torch prune + torch.save + gzip -9",
+            "bytes": len(zipped),
+            "ratio": dense / len(zipped),
+            "accuracy": acc_pruned,
+            "fine_tuned": False,
+        },
+        {
+            "method": "torch prune + dynamic int8 + gzip -9",
+            "bytes": len(q_zipped),
+            "ratio": dense / len(q_zipped),
+            "accuracy": acc_q,
+            "fine_tuned": False,
+        },
     ]
 
 
 def load_model_copy(model: nn.Module) -> nn.Module:
-    clone = deepsqueeze.models.create(deepsqueeze.models.spec_of(model).name,
-                                      **deepsqueeze.models.spec_of(model).kwargs)
+    clone = deepsqueeze.models.create(
+        deepsqueeze.models.spec_of(model).name, **deepsqueeze.models.spec_of(model).kwargs
+    )
     clone.load_state_dict(model.state_dict())
     return clone.eval()
 
@@ -100,15 +118,21 @@ def run_pipeline(model_name: str, dataset: str, recipe: str) -> dict:
     kept = sum(r.kept for r in report.layers) / sum(r.weights for r in report.layers)
     peers = pytorch_peer_rows(load_model(baseline_path), 1 - kept, accuracy)
     return {
-        "model": model_name, "dataset": dataset, "recipe": recipe,
+        "model": model_name,
+        "dataset": dataset,
+        "recipe": recipe,
         "baseline_accuracy": result.baseline_accuracy,
         "file_accuracy": result.file_accuracy,
         "accuracy_drop_points": 100 * (result.baseline_accuracy - result.file_accuracy),
-        "file_bytes": report.file_bytes, "dense_fp32_bytes": report.dense_bytes,
-        "compression": report.compression, "pipeline_seconds": seconds,
+        "file_bytes": report.file_bytes,
+        "dense_fp32_bytes": report.dense_bytes,
+        "compression": report.compression,
+        "pipeline_seconds": seconds,
         "stages": [s.__dict__ for s in result.stages],
-        "layers": report.to_dict()["layers"], "header_bytes": report.header_bytes,
-        "pytorch_peers": peers, "paper": PAPER.get(model_name),
+        "layers": report.to_dict()["layers"],
+        "header_bytes": report.header_bytes,
+        "pytorch_peers": peers,
+        "paper": PAPER.get(model_name),
     }
 
 
@@ -124,17 +148,23 @@ def main() -> None:
         results["runs"][f"{model_name}/{dataset}"] = row
         with atomic_write(RESULTS, "w") as handle:
             json.dump(results, handle, indent=2)
-        print(f"{model_name}/{dataset}: {row['compression']:.1f}x, accuracy "
-              f"{row['baseline_accuracy']:.2%} -> {row['file_accuracy']:.2%} "
-              f"in {row['pipeline_seconds']:.0f} s")
-    print("\n| pipeline | baseline top-1 | .dsq top-1 | .dsq bytes | ratio | torch prune+gzip | "
-          "+ int8 + gzip |")
+        print(
+            f"{model_name}/{dataset}: {row['compression']:.1f}x, accuracy "
+            f"{row['baseline_accuracy']:.2%} -> {row['file_accuracy']:.2%} "
+            f"in {row['pipeline_seconds']:.0f} s"
+        )
+    print(
+        "\n| pipeline | baseline top-1 | .dsq top-1 | .dsq bytes | ratio | torch prune+gzip | "
+        "+ int8 + gzip |"
+    )
     print("|---|---|---|---|---|---|---|")
     for key, r in results["runs"].items():
         p = r["pytorch_peers"]
-        print(f"| {key} | {r['baseline_accuracy']:.2%} | {r['file_accuracy']:.2%} | "
-              f"{r['file_bytes']:,} | {r['compression']:.1f}x | {p[1]['ratio']:.1f}x | "
-              f"{p[2]['ratio']:.1f}x |")
+        print(
+            f"| {key} | {r['baseline_accuracy']:.2%} | {r['file_accuracy']:.2%} | "
+            f"{r['file_bytes']:,} | {r['compression']:.1f}x | {p[1]['ratio']:.1f}x | "
+            f"{p[2]['ratio']:.1f}x |"
+        )
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ def time_model(
     warmup: int = 5,
     max_seconds: float = 10.0,
 ) -> Timing:
-    """Time inference of ``model`` on a random batch of ``batch_size`` samples of ``input_shape``."""
+    """Time inference of ``model`` on a random batch of ``batch_size`` × ``input_shape``."""
     model.eval()
     device = next(model.parameters(), torch.empty(0)).device
     x = torch.randn(batch_size, *input_shape, generator=torch.Generator().manual_seed(0)).to(device)
