@@ -43,6 +43,7 @@ lint: dev
 bench: install
 	$(PY) benchmarks/baselines.py
 	$(PY) benchmarks/deep_compression.py
+	$(PY) benchmarks/runtime.py --threads 1
 
 # Coverage-guided fuzzing of the .dsq reader (docs/reliability.md). Needs atheris, which is not
 # a dependency: `$(PY) -m pip install atheris`; without it the harness explains and skips.

@@ -129,7 +129,9 @@ def compress(
     model_file: Annotated[Path, typer.Argument(help="A trained model.pt (from `train`).")],
     recipe: Annotated[Path, typer.Option(help="Recipe YAML (see recipes/).")],
     out: Annotated[Path, typer.Option(help="The .dsq file to write.")],
-    dataset: Annotated[str | None, typer.Option(help="Fine-tuning dataset (default: recipe's).")] = None,
+    dataset: Annotated[
+        str | None, typer.Option(help="Fine-tuning dataset (default: the recipe's).")
+    ] = None,
     subset: Annotated[int | None, typer.Option(help="Fine-tune on this many samples only.")] = None,
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Also write stages and sizes to this JSON file.")
@@ -181,6 +183,65 @@ def inspect(
 
         with atomic_write(json_out, "w") as handle:
             json.dump(report.to_dict(), handle, indent=2)
+
+
+@app.command()
+def bench(
+    dsq_file: Annotated[Path, typer.Argument(help="A .dsq file.")],
+    batch: Annotated[str, typer.Option(help="Batch sizes, comma separated.")] = "1,32,256",
+    runs: Annotated[int, typer.Option(help="Timed calls per backend and batch size.")] = 50,
+    threads: Annotated[int | None, typer.Option(help="Torch and onnxruntime threads.")] = None,
+    autotune: Annotated[bool, typer.Option("--autotune/--no-autotune",
+                                           help="Time the runtime's executors per layer.")] = True,
+    memory: Annotated[bool, typer.Option("--memory/--no-memory",
+                                         help="Measure peak RSS (a fresh process each).")] = True,
+    onnx: Annotated[bool, typer.Option("--onnx/--no-onnx", help="Include onnxruntime.")] = True,
+    memory_budget: Annotated[float, typer.Option(
+        help="Runtime weights may hold this many times the file's bytes (0: no limit).")] = 2.0,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Also write the numbers to this JSON file.")
+    ] = None,
+) -> None:
+    """Latency (median, p95), throughput and memory: dense PyTorch vs our runtime vs onnxruntime."""
+    from deepsqueeze.runtime.bench import BACKENDS
+    from deepsqueeze.runtime.bench import bench as run_bench
+
+    try:
+        batches = [int(b) for b in batch.split(",") if b.strip()]
+    except ValueError as exc:
+        raise DeepSqueezeError(f"--batch must be comma-separated integers, got {batch!r}") from exc
+    if not batches or min(batches) < 1 or runs < 1:
+        raise DeepSqueezeError("--batch needs positive integers and --runs must be positive")
+    report = run_bench(
+        dsq_file, batches, runs=runs, threads=threads, memory=memory,
+        backends=[b for b in BACKENDS if onnx or b != "onnxruntime"],
+        autotune=autotune, memory_budget=memory_budget or None,
+        progress=lambda msg: err_console.print(f"[dim]{msg}[/]"),
+    )
+    console.print(report.speed_table())
+    console.print(report.memory_table())
+    for info in report.runtime_infos.values():
+        console.print(info.table())
+    for note in report.notes:
+        console.print(f"[yellow]note:[/] {note}")
+    if json_out is not None:
+        from deepsqueeze.io import atomic_write
+
+        with atomic_write(json_out, "w") as handle:
+            json.dump(report.to_dict(), handle, indent=2)
+        console.print(f"numbers written to {json_out}")
+
+
+@app.command()
+def export(
+    model_file: Annotated[Path, typer.Argument(help="A .dsq file (or a model.pt).")],
+    out: Annotated[Path, typer.Option(help="The .onnx file to write.")],
+) -> None:
+    """Export a model to ONNX (opset 17, dynamic batch), its weights decoded to dense fp32."""
+    from deepsqueeze.runtime.onnx_export import export_onnx
+
+    data = export_onnx(model_file, out)
+    console.print(f"{out}: {len(data):,} bytes (ONNX opset 17, input 'input', output 'logits')")
 
 
 @app.command("models")

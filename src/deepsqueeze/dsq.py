@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from rich.table import Table
@@ -264,9 +264,22 @@ def _skeleton(spec: models.ModelSpec, shapes: dict[str, tuple[int, ...]], where:
         raise DsqFormatError(f"{where}: {exc}") from exc
 
 
-def load(path: Source) -> nn.Module:
+def load(path: Source, mode: Literal["dense", "runtime"] = "dense", **runtime: Any) -> nn.Module:
     """Load a .dsq file (a path or its bytes) into an eval-mode zoo model holding exactly the
-    stored weights. Any defect of the file raises :class:`DsqFormatError`."""
+    stored weights. Any defect of the file raises :class:`DsqFormatError`.
+
+    ``mode="dense"`` (the default) decodes every tensor to a plain dense model: bit-exact, what
+    accuracy evaluation and round trips use. ``mode="runtime"`` returns the inference model that
+    runs from the compressed form (:func:`deepsqueeze.runtime.load_runtime`; ``runtime`` holds
+    its options, e.g. ``batch_size=1``): faster on sparse layers, equal within float rounding.
+    """
+    if mode == "runtime":
+        from deepsqueeze.runtime import load_runtime
+
+        return load_runtime(path, **runtime)
+    if mode != "dense" or runtime:
+        raise DeepSqueezeError(f"load: mode must be 'dense' or 'runtime' (options only with "
+                               f"'runtime'), got {mode!r} with {sorted(runtime)}")
     where = _label(path)
     dsq = read_dsq(path)
     entries = _tensor_entries(dsq)

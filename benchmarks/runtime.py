@@ -1,0 +1,147 @@
+"""Run compressed models fast: the runtime vs dense PyTorch vs onnxruntime, in one run.
+
+For the Deep-Compressed LeNet-300-100 and LeNet-5 (MNIST), at batch 1, 32 and 256: latency
+(median, p95) and throughput of dense fp32 PyTorch, the deepsqueeze runtime
+(``load_runtime``, autotuned per batch size) and onnxruntime on the exported dense model, timed
+interleaved so the ratios come from one run; peak RSS of each backend in a fresh process; the
+weights held in memory vs the file; the autotuner's per-layer choice; and the test accuracy of
+the runtime model next to the dense decoding of the same file. Writes
+benchmarks/results/runtime.json and prints a markdown table.
+
+The .dsq files: ``--lenet300-dsq`` / ``--lenet5-dsq``, else runs/deep_compression/<model>-mnist.dsq
+(from benchmarks/deep_compression.py), else they are compressed here from the baselines with the
+shipped recipes (slow: the recipes fine-tune for several epochs).
+
+    python benchmarks/runtime.py --threads 1
+    python benchmarks/runtime.py --lenet300-dsq a.dsq --lenet5-dsq b.dsq --runs 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from baselines import ensure_baseline
+
+import deepsqueeze
+from deepsqueeze.data import load_dataset
+from deepsqueeze.dsq import load
+from deepsqueeze.io import atomic_write
+from deepsqueeze.metrics.accuracy import accuracy_and_loss
+from deepsqueeze.runtime import load_runtime
+from deepsqueeze.runtime.bench import bench
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "runtime.json"
+DSQ_DIR = ROOT / "runs" / "deep_compression"
+MODELS = {"lenet300": "recipes/deep-compression-lenet300.yaml",
+          "lenet5": "recipes/deep-compression-lenet5.yaml"}
+# batch-1 speed targets of the issue: runtime median latency vs dense PyTorch
+TARGETS = {"lenet300": 2.0, "lenet5": 1.0}
+
+
+def dsq_file(model: str, given: Path | None) -> Path:
+    """The Deep-Compressed file of ``model``: given, found, or made now."""
+    if given is not None:
+        return given
+    path = DSQ_DIR / f"{model}-mnist.dsq"
+    if not path.exists():
+        print(f"compressing {model} with {MODELS[model]} (no {path} yet)", flush=True)
+        deepsqueeze.compress(ensure_baseline(model, "mnist"), ROOT / MODELS[model],
+                             out=path, progress=False)
+    return path
+
+
+def accuracies(path: Path, batch: int) -> dict[str, float]:
+    """Test accuracy of the dense decoding and of the runtime model of ``path``."""
+    data = load_dataset("mnist", "test")
+    x, y = data.normalized(), data.labels
+    dense = accuracy_and_loss(load(path), x, y, batch).accuracy
+    runtime = accuracy_and_loss(load_runtime(path, batch_size=batch), x, y, batch).accuracy
+    return {"dense_decoded": dense, "runtime": runtime, "eval_batch": batch}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lenet300-dsq", type=Path)
+    parser.add_argument("--lenet5-dsq", type=Path)
+    parser.add_argument("--batch", default="1,32,256")
+    parser.add_argument("--runs", type=int, default=100)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch/onnxruntime threads (default: torch's)")
+    parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    batches = [int(b) for b in args.batch.split(",")]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results: dict = {"command": " ".join(sys.argv), "models": {}}
+    for model, given in (("lenet300", args.lenet300_dsq), ("lenet5", args.lenet5_dsq)):
+        path = dsq_file(model, given)
+        t0 = time.perf_counter()
+        report = bench(path, batches, runs=args.runs, threads=args.threads,
+                       memory=not args.no_memory,
+                       progress=lambda msg, m=model: print(f"[{m}] {msg}", flush=True))
+        entry = report.to_dict()
+        entry["seconds"] = time.perf_counter() - t0
+        entry["accuracy"] = accuracies(path, max(batches))
+        b1 = report.timing("runtime", 1)
+        entry["targets"] = {
+            "batch1_speedup_vs_dense": b1.speedup_vs_dense if b1 else None,
+            "batch1_target": TARGETS[model],
+            "batch1_met": bool(b1 and b1.speedup_vs_dense >= TARGETS[model]),
+            "runtime_weights_vs_file": report.weights_bytes["runtime"] / report.file_bytes,
+            "memory_met": report.weights_bytes["runtime"] <= 2 * report.file_bytes,
+        }
+        results["models"][model] = entry
+        results["machine"] = {"cpu": report.cpu, "threads": report.threads,
+                              "torch": report.torch_version,
+                              "onnxruntime": report.onnxruntime_version,
+                              "python": report.python}
+    with atomic_write(args.out, "w") as handle:
+        json.dump(results, handle, indent=2)
+
+    print(f"\nthreads: {results['machine']['threads']}, cpu: {results['machine']['cpu']}")
+    print("| model | batch | dense ms (p95) | runtime ms (p95) | onnxruntime ms (p95) "
+          "| runtime vs dense | ort vs dense |")
+    print("|---|---|---|---|---|---|---|")
+    for model, entry in results["models"].items():
+        rows = {(t["backend"], t["batch"]): t for t in entry["timings"]}
+        for b in batches:
+            cells = []
+            for backend in ("dense", "runtime", "onnxruntime"):
+                t = rows.get((backend, b))
+                cells.append(f"{t['median_ms']:.3f} ({t['p95_ms']:.3f})" if t else "-")
+            ratios = [f"{rows[(n, b)]['speedup_vs_dense']:.2f}x" if (n, b) in rows else "-"
+                      for n in ("runtime", "onnxruntime")]
+            print(f"| {model} | {b} | {' | '.join(cells)} | {' | '.join(ratios)} |")
+    print("\n| model | file B | runtime weights B (x file) | dense weights B | peak RSS MiB "
+          "dense / runtime / ort (batch 1) | accuracy dense / runtime |")
+    print("|---|---|---|---|---|---|")
+    for model, entry in results["models"].items():
+        rss = {m["backend"]: m["peak_kib"] / 1024 for m in entry["memory"] if m["batch"] == 1}
+        acc = entry["accuracy"]
+        w = entry["weights_bytes"]
+        peaks = " / ".join(f"{rss[b]:.0f}" if b in rss else "-"
+                           for b in ("dense", "runtime", "onnxruntime"))
+        print(f"| {model} | {entry['file_bytes']:,} | {w['runtime']:,} "
+              f"({w['runtime'] / entry['file_bytes']:.2f}x) | {w['dense']:,} | {peaks} | "
+              f"{acc['dense_decoded']:.2%} / {acc['runtime']:.2%} |")
+    print("\nautotuner choices (layer: executor):")
+    for model, entry in results["models"].items():
+        for b, info in entry["runtime"].items():
+            choice = ", ".join(f"{c['layer']}: {c['impl']}"
+                               + (f" [{c['fused_into']}]" if c["fused_into"] else "")
+                               for c in info["layers"])
+            print(f"  {model} batch {b}: {choice}")
+    print(f"\nwritten to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,226 @@
+"""Fusion: chains of compressed Linear layers (with their ReLUs and the flatten before them) run
+as one kernel call.
+
+At batch 1 a small layer costs far more in framework overhead (module call, output allocation,
+a separate ReLU op) than in arithmetic: the Deep-Compressed LeNet-300-100 does ~11k multiply-adds
+per sample. The runtime model is traced with :mod:`torch.fx` (executors are leaves); each maximal
+chain ``[flatten] → Linear → [ReLU] → Linear → [ReLU] → ...`` whose layers have a compact form
+becomes one :class:`FusedChain` call (intermediate activations never leave C), and a kernel
+convolution followed by a ReLU gets the ReLU fused. The autotuner keeps a chain only when it
+measures faster than the modules it replaces (see :func:`fuse_model`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from deepsqueeze.runtime.kernel import DsqLayer, get_kernel
+from deepsqueeze.runtime.layers import KernelConv2d, KernelLinear, RuntimeLayer
+
+_RELU_FUNCS = {F.relu, torch.relu, torch.nn.functional.relu}
+
+
+class _Tracer(fx.Tracer):
+    """Traces through the zoo model; runtime executors and torch layers stay leaves."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, RuntimeLayer) or super().is_leaf_module(m, qualname)
+
+
+class FusedChain(RuntimeLayer):
+    """Several :class:`KernelLinear` layers (ReLUs fused) in one C call.
+
+    ``flatten``: the chain's input is flattened from dim 1 first (the flatten was folded in).
+    """
+
+    impl = "fused"
+
+    def __init__(self, layers: list[KernelLinear], relus: list[bool], flatten: bool) -> None:
+        super().__init__()
+        kernel = get_kernel()
+        if kernel is None:
+            raise RuntimeError("the C kernel is not available")
+        self.layers = nn.ModuleList(layers)
+        self.relus = list(relus)
+        self.flatten = flatten
+        self.cols, self.rows = layers[0].cols, layers[-1].rows
+        self._chain = kernel.chain
+        self._refresh()
+
+    def _refresh(self) -> None:
+        structs = (DsqLayer * len(self.layers))()
+        for i, (layer, relu) in enumerate(zip(self.layers, self.relus, strict=True)):
+            layer._refresh()
+            ctypes.memmove(ctypes.byref(structs, i * ctypes.sizeof(DsqLayer)),
+                           ctypes.byref(layer._struct), ctypes.sizeof(DsqLayer))
+            structs[i].relu = int(relu)
+        self._structs = structs
+        self._addr = ctypes.addressof(structs)
+        self._n = len(self.layers)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        out = super()._apply(fn, recurse)
+        self._refresh()
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.float32 or not x.is_contiguous():
+            x = x.float().contiguous()
+        if self.flatten:
+            n = x.shape[0]
+            if x.numel() != n * self.cols:
+                raise RuntimeError(f"input {tuple(x.shape)} does not flatten to {self.cols}")
+            y = torch.empty(n, self.rows)
+        else:
+            n = x.numel() // self.cols
+            y = torch.empty(*x.shape[:-1], self.rows)
+        if self._chain(self._n, self._addr, x.data_ptr(), y.data_ptr(), n):
+            raise MemoryError("kernel scratch allocation failed")
+        return y
+
+    def extra_repr(self) -> str:
+        return f"flatten={self.flatten}, relus={self.relus}"
+
+
+def _is_relu(node: fx.Node, gm: fx.GraphModule) -> bool:
+    if node.op == "call_function" and node.target in _RELU_FUNCS:
+        return len(node.args) == 1
+    if node.op == "call_method" and node.target in ("relu", "relu_"):
+        return len(node.args) == 1
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(str(node.target)), nn.ReLU)
+    return False
+
+
+def _is_flatten1(node: fx.Node, gm: fx.GraphModule) -> bool:
+    """``torch.flatten(x, 1)`` (end_dim -1), ``x.flatten(1)`` or ``nn.Flatten()``."""
+    if node.op in ("call_function", "call_method") and node.target in (torch.flatten, "flatten"):
+        args = list(node.args[1:])
+        start = args[0] if args else node.kwargs.get("start_dim", 0)
+        end = args[1] if len(args) > 1 else node.kwargs.get("end_dim", -1)
+        return start == 1 and end == -1
+    if node.op == "call_module":
+        m = gm.get_submodule(str(node.target))
+        return isinstance(m, nn.Flatten) and m.start_dim == 1 and m.end_dim == -1
+    return False
+
+
+def _only_user(node: fx.Node) -> fx.Node | None:
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+@dataclass
+class Segment:
+    """Nodes of one fusable chain, in order, and what the chain needs."""
+
+    input: Any
+    nodes: list[fx.Node] = field(default_factory=list)
+    layers: list[str] = field(default_factory=list)
+    relus: list[bool] = field(default_factory=list)
+    flatten: bool = False
+
+
+def find_segments(gm: fx.GraphModule, linear_ok: Callable[[str], bool]) -> list[Segment]:
+    """Maximal chains of Linear layers that ``linear_ok`` accepts (see module doc)."""
+    segments: list[Segment] = []
+    used: set[fx.Node] = set()
+
+    def is_lin(n: fx.Node | None) -> bool:
+        return (n is not None and n.op == "call_module" and n not in used
+                and linear_ok(str(n.target)) and len(n.args) == 1 and not n.kwargs)
+
+    for node in list(gm.graph.nodes):
+        if not is_lin(node):
+            continue
+        src = node.args[0]
+        seg = Segment(input=src)
+        if (isinstance(src, fx.Node) and _is_flatten1(src, gm) and _only_user(src) is node
+                and src not in used):
+            seg.input, seg.flatten = src.args[0], True
+            seg.nodes.append(src)
+        cur: fx.Node | None = node
+        while is_lin(cur):
+            assert cur is not None
+            seg.nodes.append(cur)
+            seg.layers.append(str(cur.target))
+            nxt = _only_user(cur)
+            relu = nxt is not None and _is_relu(nxt, gm)
+            seg.relus.append(relu)
+            if relu:
+                assert nxt is not None
+                seg.nodes.append(nxt)
+                cur = nxt
+            after = _only_user(cur)
+            if after is None or not is_lin(after) or after.args[0] is not cur:
+                break
+            cur = after
+        used.update(seg.nodes)
+        segments.append(seg)
+    return segments
+
+
+def replace_segment(gm: fx.GraphModule, seg: Segment, name: str, module: nn.Module) -> None:
+    """Put ``module`` (called on the segment's input) in place of the segment's nodes."""
+    gm.add_submodule(name, module)
+    last = seg.nodes[-1]
+    with gm.graph.inserting_after(last):
+        new = gm.graph.call_module(name, (seg.input,))
+    last.replace_all_uses_with(new)
+    for node in reversed(seg.nodes):
+        gm.graph.erase_node(node)
+
+
+def segment_callable(gm: fx.GraphModule, seg: Segment) -> Callable[[torch.Tensor], Any]:
+    """The segment's original computation (for timing against the fused chain)."""
+    steps: list[Callable[[Any], Any]] = []
+    for node in seg.nodes:
+        if node.op == "call_module":
+            steps.append(gm.get_submodule(str(node.target)))
+        elif node.op == "call_method":
+            steps.append(operator.methodcaller(str(node.target), *node.args[1:], **node.kwargs))
+        else:
+            fn, rest, kw = node.target, node.args[1:], node.kwargs
+            steps.append(lambda x, fn=fn, rest=rest, kw=kw: fn(x, *rest, **kw))
+
+    def run(x: torch.Tensor) -> Any:
+        for step in steps:
+            x = step(x)
+        return x
+
+    return run
+
+
+def trace(model: nn.Module) -> fx.GraphModule | None:
+    """The model as a GraphModule (executors as leaves), or None when it cannot be traced."""
+    try:
+        graph = _Tracer().trace(model)
+    except Exception:  # data-dependent control flow etc.: run unfused
+        return None
+    return fx.GraphModule(model, graph, class_name=type(model).__name__)
+
+
+def fuse_conv_relus(gm: fx.GraphModule) -> list[str]:
+    """Fuse ReLUs that directly and solely follow a kernel convolution; returns those layers."""
+    fused = []
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module":
+            continue
+        mod = gm.get_submodule(str(node.target))
+        if not isinstance(mod, KernelConv2d) or mod.relu:
+            continue
+        nxt = _only_user(node)
+        if nxt is not None and _is_relu(nxt, gm):
+            mod.set_relu(True)
+            nxt.replace_all_uses_with(node)
+            gm.graph.erase_node(nxt)
+            fused.append(str(node.target))
+    return fused

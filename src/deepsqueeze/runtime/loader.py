@@ -1,0 +1,351 @@
+"""``load_runtime``: a .dsq file as an inference model that runs from the compressed form.
+
+The zoo model is built on the meta device from the manifest's spec (resized when channels were
+pruned), so nothing dense is allocated. Each Linear / Conv2d whose weight the file stores
+compressed (``sparse``, ``sparse-codebook``, ``codebook``) is decoded straight into its compact
+runtime form (:mod:`deepsqueeze.runtime.forms`) and replaced by the executor the autotuner picks
+(:mod:`deepsqueeze.runtime.autotune`); every other tensor (dense layers, biases, BatchNorm) is
+decoded as usual. The decisions are kept on the model as ``model.deepsqueeze_runtime``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.table import Table
+from torch import nn
+
+from deepsqueeze import models
+from deepsqueeze.codec.container import read_dsq
+from deepsqueeze.dsq import _decode, _label, _skeleton, _tensor_entries
+from deepsqueeze.errors import DeepSqueezeError, DsqFormatError
+from deepsqueeze.metrics.size import FP32_BYTES
+from deepsqueeze.models.registry import SPEC_ATTR
+from deepsqueeze.runtime import autotune as at
+from deepsqueeze.runtime.forms import FORM_DECODERS
+from deepsqueeze.runtime.kernel import get_kernel
+from deepsqueeze.runtime.layers import IMPLS, KernelLinear, RuntimeLayer, candidates
+from deepsqueeze.runtime.memory import held_bytes
+
+INFO_ATTR = "deepsqueeze_runtime"
+"""Attribute of a runtime model holding its :class:`RuntimeInfo`."""
+
+Source = str | Path | bytes | bytearray | memoryview
+
+
+@dataclass
+class RuntimeInfo:
+    """How a runtime model runs: per-layer executors, their timings and the bytes held."""
+
+    source: str
+    model: str
+    batch_size: int
+    autotuned: bool
+    file_bytes: int
+    dense_bytes: int
+    held_bytes: int
+    budget_bytes: int | None
+    threads: int
+    kernel: str | None
+    layers: list[at.LayerChoice] = field(default_factory=list)
+    fused: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def held_vs_file(self) -> float:
+        return self.held_bytes / self.file_bytes
+
+    def choices(self) -> dict[str, str]:
+        """Layer name → chosen executor (``kernel`` for layers run inside a fused chain)."""
+        return {c.layer: c.impl for c in self.layers}
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["held_vs_file"] = self.held_vs_file
+        return d
+
+    def table(self) -> Table:
+        names = sorted({n for c in self.layers for n in c.time_us})
+        table = Table(title=f"runtime of {self.source} at batch {self.batch_size} "
+                      f"({'timed' if self.autotuned else 'untimed'}, {self.threads} threads)")
+        for col in ("layer", "form", "kept", *[f"{n} µs" for n in names], "chosen", "held B",
+                    "file B"):
+            table.add_column(col, justify="left" if col in ("layer", "form", "chosen")
+                             else "right")
+        for c in self.layers:
+            times = [
+                ("-" if n not in c.time_us else
+                 f"{c.time_us[n]:.1f}" if c.source != "heuristic" else "n/t")
+                for n in names
+            ]
+            chosen = c.impl + (f" in {c.fused_into}" if c.fused_into else "")
+            table.add_row(c.layer, c.encoding, f"{c.density:.1%}", *times, f"[bold]{chosen}",
+                          f"{c.held_bytes[c.impl]:,}", f"{c.file_bytes:,}")
+        for f in self.fused:
+            times = ", ".join(f"{k} {v:.1f} µs" for k, v in f["time_us"].items())
+            table.caption = (table.caption or "") + (
+                f"{f['name']}: {' → '.join(f['layers'])} as one kernel call "
+                f"({'kept' if f['kept'] else 'not kept'}; {times or 'untimed'})\n"
+            )
+        return table
+
+
+def _input_shapes(model: nn.Module, names: list[str], batch_size: int) -> dict[str, list[int]]:
+    """Input shape of each named layer at ``batch_size`` (a shape-only pass on meta)."""
+    seen: dict[str, list[int]] = {}
+
+    def record(name: str) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            seen.setdefault(name, list(args[0].shape))
+
+        return hook
+
+    hooks = [model.get_submodule(n).register_forward_pre_hook(record(n)) for n in names]
+    try:
+        with torch.no_grad():
+            model(torch.empty((batch_size, *models.input_shape_of(model)), device="meta"))
+    except Exception as exc:
+        raise DsqFormatError(f"stored shapes do not form a working model: {exc}") from exc
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def _section_bytes(sections: dict[str, bytes], name: str) -> int:
+    return sum(len(v) for k, v in sections.items() if k.startswith(f"{name}:"))
+
+
+def load_runtime(
+    source: Source,
+    *,
+    batch_size: int = 1,
+    autotune: bool | None = None,
+    memory_budget: float | None = 2.0,
+    cache: bool = True,
+    impls: dict[str, str] | None = None,
+    fuse: bool = True,
+    rounds: int = 15,
+) -> nn.Module:
+    """Load a .dsq file as an eval-mode inference model running from the compressed weights.
+
+    ``batch_size`` is the batch the executors are tuned for (any batch runs). ``autotune``:
+    time the executors (default: unless ``$DEEPSQUEEZE_AUTOTUNE=0``); ``cache``: reuse and store
+    timings in the autotune cache. ``memory_budget``: the weights held may take at most this
+    many times the file's bytes (None: no limit, fastest executors). ``impls`` forces the
+    executor of named layers (``{"fc1": "kernel"}``). ``fuse``: run chains of kernel Linear
+    layers as one call where that is faster (:mod:`deepsqueeze.runtime.fuse`).
+    """
+    if batch_size < 1:
+        raise DeepSqueezeError(f"batch_size must be positive, got {batch_size}")
+    where = _label(source)
+    dsq = read_dsq(source)
+    entries = _tensor_entries(dsq)
+    try:
+        spec = models.ModelSpec.from_dict(dsq.meta.get("model"))
+    except DeepSqueezeError as exc:
+        raise DsqFormatError(f"{where}: bad model spec in manifest: {exc}") from exc
+    by_name = {e["name"]: e for e in entries}
+    shapes = {n: tuple(e["shape"]) for n, e in by_name.items()}
+    model = _skeleton(spec, shapes, where)
+    targets = [
+        name for name, mod in model.named_modules()
+        if type(mod) in IMPLS and by_name.get(f"{name}.weight", {}).get("encoding") in FORM_DECODERS
+    ]
+    in_shapes = _input_shapes(model, targets, batch_size)
+    tune = at.autotune_enabled() if autotune is None else autotune
+    cached = at.load_cache() if tune and cache else {}
+    updates: dict[str, Any] = {}
+    forced = dict(impls or {})
+
+    state: dict[str, torch.Tensor] = {}
+    for name, entry in by_name.items():
+        if name.endswith(".weight") and name[: -len(".weight")] in targets:
+            continue
+        state[name] = _decode(entry, dsq.sections)
+    dense_bytes = int(dsq.meta.get("dense_parameters", 0)) * FP32_BYTES
+
+    layers: list[at.LayerChoice] = []
+    built: dict[str, dict[str, RuntimeLayer]] = {}
+    for name in targets:
+        module = model.get_submodule(name)
+        entry = by_name[f"{name}.weight"]
+        form = FORM_DECODERS[entry["encoding"]](entry, dsq.sections)
+        bias_key = f"{name}.bias"
+        bias = state.get(bias_key)
+        impl_list = candidates(form, module)
+        if name in forced:
+            impl_list = [i for i in impl_list if i.name == forced[name]]
+            if not impl_list:
+                raise DeepSqueezeError(f"layer {name}: executor {forced[name]!r} not available")
+        if not impl_list or name not in in_shapes:  # nothing can run it: plain dense module
+            state[f"{name}.weight"] = form.to_dense().view(entry["shape"])
+            continue
+        state.pop(bias_key, None)
+        mods = {impl.name: impl.build(form, bias, module).eval() for impl in impl_list}
+        for impl_name, mod in mods.items():
+            mod.impl = impl_name  # the registry's name (one class may serve several)
+        choice = at.LayerChoice(
+            layer=name,
+            layer_type=type(module).__name__,
+            weight_shape=list(entry["shape"]),
+            encoding=form.encoding,
+            kept=form.nnz,
+            density=form.density,
+            input_shape=in_shapes[name],
+            file_bytes=_section_bytes(dsq.sections, f"{name}.weight")
+            + _section_bytes(dsq.sections, bias_key),
+            held_bytes={n: m.held_bytes() for n, m in mods.items()},
+        )
+        geometry = getattr(next(iter(mods.values())), "geometry", None)
+        if tune and len(mods) > 1:
+            key = at.layer_key(choice, geometry, list(mods))
+            choice.key = key
+            hit = cached.get(key)
+            if isinstance(hit, dict) and set(hit.get("time_us", {})) == set(mods):
+                choice.time_us = {k: float(v) for k, v in hit["time_us"].items()}
+                choice.source = "cache"
+            else:
+                x = torch.randn(*in_shapes[name], generator=torch.Generator().manual_seed(0))
+                secs = at.time_modules(mods, x, rounds=rounds)
+                choice.time_us = {k: v * 1e6 for k, v in secs.items()}
+                choice.source = "timed"
+                updates[key] = {"layer": f"{spec.name}.{name}", "batch": batch_size,
+                                "time_us": choice.time_us}
+        else:
+            choice.time_us = at.heuristic_times(choice, batch_size)
+        layers.append(choice)
+        built[name] = mods
+
+    fixed = sum(t.numel() * t.element_size() for t in state.values())
+    budget = None if memory_budget is None else int(memory_budget * dsq.file_size)
+    at.choose(layers, budget, fixed)
+    if cache and updates:
+        at.save_cache(updates)
+    for choice in layers:
+        model.set_submodule(choice.layer, built[choice.layer][choice.impl])
+
+    expected = model.state_dict(keep_vars=True)
+    try:
+        for key, value in expected.items():
+            state[key] = state[key].to(value.dtype)
+        model.load_state_dict(state, strict=True, assign=True)
+    except (KeyError, RuntimeError) as exc:
+        raise DsqFormatError(f"{where}: stored tensors do not fit {spec.name}: {exc}") from exc
+    leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if leftover:
+        raise DsqFormatError(f"{where}: no stored value for {leftover[:5]}")
+    model.eval().requires_grad_(False)
+    chosen = {c.layer: c.impl for c in layers}
+    kernel_linear: dict[str, KernelLinear] = {}  # what a fused chain would run for each layer
+    for name, mods in built.items():
+        pick = chosen[name] if chosen[name].startswith("kernel") else "kernel"
+        if isinstance(mods.get(pick), KernelLinear) and forced.get(name, pick) == pick:
+            kernel_linear[name] = mods[pick]  # type: ignore[assignment]
+    fused: list[dict[str, Any]] = []
+    if fuse and get_kernel() is not None:
+        model, fused = _fuse(model, kernel_linear, layers, tune=bool(tune), cache=cache,
+                             cached=cached, batch_size=batch_size, budget=budget,
+                             rounds=rounds)
+    del built, kernel_linear
+
+    kernel = get_kernel()
+    info = RuntimeInfo(
+        source=where,
+        model=spec.name,
+        batch_size=batch_size,
+        autotuned=bool(tune),
+        file_bytes=dsq.file_size,
+        dense_bytes=dense_bytes,
+        held_bytes=held_bytes(model),
+        budget_bytes=budget,
+        threads=torch.get_num_threads(),
+        kernel=str(kernel.path) if kernel is not None else None,
+        layers=layers,
+        fused=fused,
+    )
+    setattr(model, INFO_ATTR, info)
+    return model
+
+
+def runtime_info(model: nn.Module) -> RuntimeInfo:
+    """The :class:`RuntimeInfo` of a model from :func:`load_runtime`."""
+    info = getattr(model, INFO_ATTR, None)
+    if not isinstance(info, RuntimeInfo):
+        raise DeepSqueezeError("not a runtime model (load it with load_runtime)")
+    return info
+
+
+def _fuse(
+    model: nn.Module,
+    kernel_linear: dict[str, KernelLinear],
+    layers: list[at.LayerChoice],
+    *,
+    tune: bool,
+    cache: bool,
+    cached: dict[str, Any],
+    batch_size: int,
+    budget: int | None,
+    rounds: int,
+) -> tuple[nn.Module, list[dict[str, Any]]]:
+    """Replace chains of compressed Linear layers by :class:`FusedChain` calls where faster."""
+    from deepsqueeze.runtime.fuse import (
+        FusedChain,
+        find_segments,
+        fuse_conv_relus,
+        replace_segment,
+        segment_callable,
+        trace,
+    )
+
+    gm = trace(model)
+    if gm is None:
+        return model, []
+    by_layer = {c.layer: c for c in layers}
+    total = held_bytes(model)
+    records: list[dict[str, Any]] = []
+    updates: dict[str, Any] = {}
+    for i, seg in enumerate(find_segments(gm, lambda n: n in kernel_linear)):
+        name = f"fused{i}"
+        members = [kernel_linear[n] for n in seg.layers]
+        chain = FusedChain(members, seg.relus, seg.flatten).eval()
+        before = sum(gm.get_submodule(n).held_bytes() for n in seg.layers)
+        extra = sum(m.held_bytes() for m in members) - before
+        record: dict[str, Any] = {"name": name, "layers": seg.layers, "relus": seg.relus,
+                                  "flatten": seg.flatten, "time_us": {}, "kept": False}
+        keys = [by_layer[n].key for n in seg.layers]
+        if budget is not None and total + extra > budget:
+            record["reason"] = "over the memory budget"
+        elif tune:
+            key = at.fused_key(keys, seg.relus, seg.flatten) if all(keys) else None
+            hit = cached.get(key) if key else None
+            if isinstance(hit, dict) and set(hit.get("time_us", {})) == {"fused", "modules"}:
+                record["time_us"] = {k: float(v) for k, v in hit["time_us"].items()}
+            else:
+                x = torch.randn(batch_size, members[0].cols,
+                                generator=torch.Generator().manual_seed(0))
+                secs = at.time_modules(
+                    {"fused": chain, "modules": segment_callable(gm, seg)}, x, rounds=rounds)
+                record["time_us"] = {k: v * 1e6 for k, v in secs.items()}
+                if key:
+                    updates[key] = {"batch": batch_size, "layers": seg.layers,
+                                    "time_us": record["time_us"]}
+            record["kept"] = record["time_us"]["fused"] < record["time_us"]["modules"]
+        else:
+            record["kept"] = True
+        if record["kept"]:
+            replace_segment(gm, seg, name, chain)
+            total += extra
+            for n, member in zip(seg.layers, members, strict=True):
+                by_layer[n].impl, by_layer[n].fused_into = member.impl, name
+        records.append(record)
+    fuse_conv_relus(gm)
+    gm.graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    if cache and updates:
+        at.save_cache(updates)
+    setattr(gm, SPEC_ATTR, models.spec_of(model))
+    return gm.eval(), records
