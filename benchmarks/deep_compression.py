@@ -4,7 +4,8 @@ For each pipeline: the trained baseline (benchmarks/baselines.py; trained here i
 compressed with the shipped recipe, the .dsq file is loaded back and evaluated, and its real size
 on disk gives the ratio. Peer rows, measured in the same run on the same baseline:
 torch.nn.utils.prune (global L1, same overall sparsity) + torch.save, the same gzipped, and
-+ torch.ao dynamic int8 quantization + gzip. Writes benchmarks/results/deep_compression.json.
++ torch.ao dynamic int8 quantization + gzip. Writes benchmarks/results/deep_compression.json
+(runs not asked for keep their earlier entry) and deep_compression.png (ratios and accuracy).
 
     python benchmarks/deep_compression.py                 # all three pipelines
     python benchmarks/deep_compression.py --only lenet300/mnist
@@ -35,6 +36,7 @@ from deepsqueeze.metrics.size import dense_fp32_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "deep_compression.json"
+PLOT = RESULTS.with_suffix(".png")
 OUT = ROOT / "runs" / "deep_compression"
 
 PIPELINES = [
@@ -136,15 +138,66 @@ def run_pipeline(model_name: str, dataset: str, recipe: str) -> dict:
     }
 
 
+def _read_results() -> dict:
+    return json.loads(RESULTS.read_text()) if RESULTS.exists() else {"runs": {}}
+
+
+def plot(results: dict, path: Path) -> None:
+    """Compression ratio of every pipeline beside the PyTorch peers and the paper, with the
+    accuracy of each file over its baseline."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = list(results["runs"])
+    series = {
+        "torch prune + save": lambda r: r["pytorch_peers"][0]["ratio"],
+        "+ gzip -9": lambda r: r["pytorch_peers"][1]["ratio"],
+        "+ dynamic int8 + gzip": lambda r: r["pytorch_peers"][2]["ratio"],
+        "paper (Han et al. 2016)": lambda r: (r["paper"] or {}).get("ratio", 0)
+        if r["dataset"] == "mnist" else 0,
+        "deepsqueeze .dsq": lambda r: r["compression"],
+    }
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    width = 0.8 / len(series)
+    for i, (label, value) in enumerate(series.items()):
+        xs = [k + i * width for k in range(len(keys))]
+        ys = [value(results["runs"][k]) for k in keys]
+        bars = left.bar(xs, ys, width, label=label)
+        left.bar_label(bars, fmt="%.0fx", fontsize=7)
+    left.set_xticks([k + 0.4 - width / 2 for k in range(len(keys))], keys)
+    left.set_ylabel("dense fp32 bytes / file bytes")
+    left.set_title("compression (real file size)")
+    left.legend(fontsize=8)
+    base = [100 * results["runs"][k]["baseline_accuracy"] for k in keys]
+    comp = [100 * results["runs"][k]["file_accuracy"] for k in keys]
+    xs = range(len(keys))
+    right.bar([x - 0.2 for x in xs], base, 0.4, label="dense baseline")
+    right.bar([x + 0.2 for x in xs], comp, 0.4, label=".dsq file")
+    for x, b, c in zip(xs, base, comp, strict=True):
+        right.annotate(f"{c - b:+.2f} pts", (x + 0.2, c), ha="center", va="bottom", fontsize=8)
+    right.set_xticks(list(xs), keys)
+    right.set_ylim(min(comp + base) - 1.5, 100)
+    right.set_ylabel("test top-1 (%)")
+    right.set_title("accuracy of the compressed file")
+    right.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    with atomic_write(path, "wb") as handle:
+        fig.savefig(handle, format="png", dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", action="append", help="model/dataset (repeatable)")
+    parser.add_argument("--plot-only", action="store_true", help="redraw the PNG from the JSON")
     args = parser.parse_args()
-    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"runs": {}}
     for model_name, dataset, recipe in PIPELINES:
-        if args.only and f"{model_name}/{dataset}" not in args.only:
+        if args.plot_only or (args.only and f"{model_name}/{dataset}" not in args.only):
             continue
         row = run_pipeline(model_name, dataset, recipe)
+        results = _read_results()  # re-read: another run may have written meanwhile
         results["runs"][f"{model_name}/{dataset}"] = row
         with atomic_write(RESULTS, "w") as handle:
             json.dump(results, handle, indent=2)
@@ -158,6 +211,7 @@ def main() -> None:
         "+ int8 + gzip |"
     )
     print("|---|---|---|---|---|---|---|")
+    results = _read_results()
     for key, r in results["runs"].items():
         p = r["pytorch_peers"]
         print(
@@ -165,6 +219,9 @@ def main() -> None:
             f"{r['file_bytes']:,} | {r['compression']:.1f}x | {p[1]['ratio']:.1f}x | "
             f"{p[2]['ratio']:.1f}x |"
         )
+    if results["runs"]:
+        plot(results, PLOT)
+        print(f"plot: {PLOT}")
 
 
 if __name__ == "__main__":
