@@ -26,7 +26,7 @@ TINY_RECIPE = {
     "dataset": "mnist",
     "stages": [
         {"method": "prune", "params": {"sparsity": {"fc1": 0.9, "fc2": 0.9, "fc3": 0.6}},
-         "finetune": {"epochs": 1, "lr": 0.01, "batch_size": 100}},
+         "finetune": {"epochs": 1, "lr": 0.01, "batch_size": 100, "distill": 0.5}},
         {"method": "share", "params": {"bits": 4},
          "finetune": {"epochs": 1, "lr": 0.001, "weight_decay": 0.0, "batch_size": 100}},
     ],

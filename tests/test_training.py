@@ -139,3 +139,40 @@ def test_missing_and_foreign_files_give_clear_errors(tmp_path):
     torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
     with pytest.raises(CheckpointError, match="not a deepsqueeze file"):
         load_model(tmp_path / "foreign.pt")
+
+
+def test_distillation_needs_a_teacher():
+    from deepsqueeze.data import load_dataset
+    from deepsqueeze.training import TrainConfig, fit
+
+    net = models.create("lenet300")
+    data = load_dataset("mnist", "test").subset(64, seed=0)
+    with pytest.raises(DeepSqueezeError, match="teacher"):
+        fit(net, data, TrainConfig(epochs=1, distill=0.5), progress=False)
+
+
+@needs_mnist
+def test_distillation_makes_the_student_follow_the_teacher():
+    """With distill=1 the labels are ignored: the student learns the teacher's (arbitrary)
+    answers; with distill=0 it learns the labels instead."""
+    from deepsqueeze.data import load_dataset
+    from deepsqueeze.training import TrainConfig, fit
+
+    train = load_dataset("mnist", "train").subset(3000, seed=0)
+    x_test = load_dataset("mnist", "test").subset(1000, seed=0).normalized()
+    torch.manual_seed(1)
+    teacher = models.create("lenet300").eval()
+    with torch.no_grad():
+        teacher.fc3.weight.mul_(20)  # confident, arbitrary answers
+    teacher_says = teacher(x_test).argmax(1)
+
+    def agreement(distill: float) -> float:
+        torch.manual_seed(0)
+        student = models.create("lenet300")
+        cfg = TrainConfig(epochs=2, lr=0.05, distill=distill, temperature=1.0)
+        fit(student, train, cfg, teacher=teacher, progress=False)
+        with torch.no_grad():
+            return (student.eval()(x_test).argmax(1) == teacher_says).float().mean().item()
+
+    assert agreement(1.0) > 0.6
+    assert agreement(0.0) < 0.4

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -111,6 +112,9 @@ def compress(
         return accuracy_and_loss(net.cpu(), x_test, test_set.labels).accuracy
 
     result = CompressResult(model=model, recipe=recipe, baseline_accuracy=test_accuracy(model))
+    # fine-tuning stages with `distill` learn from the model as it was before compression
+    distilling = any(s.finetune is not None and s.finetune.distill > 0 for s in recipe.stages)
+    teacher = copy.deepcopy(model).eval() if distilling else None
     methods = recipe.methods()
     torch.manual_seed(recipe.seed)
     for index, (stage, method) in enumerate(zip(recipe.stages, methods, strict=False)):
@@ -129,6 +133,7 @@ def compress(
                 step_hooks=method.step_hooks(),
                 progress=progress,
                 description=f"stage {index + 1} {stage.label}",
+                teacher=teacher,
             )
             epochs = cfg.epochs
         method.finalize(model)

@@ -62,6 +62,12 @@ class TrainConfig(BaseModel):
     precision: Precision = "fp32"
     seed: int = 0
     augment: bool | None = Field(None, description="crop+flip; default: on for colour images")
+    distill: float = Field(
+        0.0, ge=0, le=1,
+        description="weight of the distillation loss (Hinton et al. 2015) against the teacher "
+        "passed to fit; in a recipe the teacher is the model before compression",
+    )
+    temperature: float = Field(4.0, gt=0, description="softmax temperature of distillation")
     device: str = "auto"
 
 
@@ -155,6 +161,21 @@ def _checkpoint_state(model, opt, sched, scaler, epoch, cfg, history) -> dict[st
     }
 
 
+def _per_sample_loss(
+    logits: torch.Tensor, y: torch.Tensor, x: torch.Tensor, teacher: nn.Module | None,
+    cfg: TrainConfig,
+) -> torch.Tensor:
+    """Cross-entropy per sample, blended with the teacher's distillation loss when asked."""
+    ce = F.cross_entropy(logits.float(), y, reduction="none")
+    if cfg.distill <= 0 or teacher is None:
+        return ce
+    t = cfg.temperature
+    with torch.no_grad():
+        soft_target = F.softmax(teacher(x).float() / t, dim=1)
+    kl = F.kl_div(F.log_softmax(logits.float() / t, dim=1), soft_target, reduction="none")
+    return (1 - cfg.distill) * ce + cfg.distill * (t * t) * kl.sum(dim=1)
+
+
 def fit(
     model: nn.Module,
     train_set: ImageDataset,
@@ -166,8 +187,13 @@ def fit(
     step_hooks: Sequence[StepHook] = (),
     progress: bool = True,
     description: str = "train",
+    teacher: nn.Module | None = None,
 ) -> FitResult:
     """Train ``model`` in place on ``train_set`` and return the history.
+
+    With ``config.distill > 0`` the loss is ``(1 - distill) * cross-entropy + distill * T² *
+    KL(teacher || model)`` on softened outputs (temperature ``T``); ``teacher`` is then required
+    and is only run forward, in eval mode.
 
     With ``out_dir``, a checkpoint is written atomically after every epoch and one JSON line per
     epoch is appended to ``metrics.jsonl``; ``resume=True`` continues from that checkpoint.
@@ -187,6 +213,13 @@ def fit(
     if ctx.is_distributed and ctx.device is not None:
         device = ctx.device  # CUDA: this rank's GPU (LOCAL_RANK)
     policy = resolve_precision(cfg.precision, device)
+    if cfg.distill > 0:
+        if teacher is None:
+            raise DeepSqueezeError(
+                "distill > 0 needs a teacher model: pass teacher= to fit (compress passes the "
+                "model as it was before compression)"
+            )
+        teacher = teacher.to(device).eval()
     model.to(device)
     x_train = train_set.normalized().to(device)
     y_train = train_set.labels.to(device)
@@ -269,14 +302,13 @@ def fit(
                                           positions=None if shard is None else shard.positions)
                     with policy.autocast(device):
                         logits = net(x)
+                        per_sample = _per_sample_loss(logits, y, x, teacher, cfg)
                         if shard is None:
-                            loss = F.cross_entropy(logits.float(), y)
+                            loss = per_sample.mean()
                         else:
                             # sum over real samples x W / global batch: once DDP averages over
                             # the W ranks, the gradient is the mean over the global batch
-                            per_sample = shard.weight * F.cross_entropy(
-                                logits.float(), y, reduction="none"
-                            )
+                            per_sample = shard.weight * per_sample
                             loss = per_sample.sum() * (ctx.world_size / shard.global_size)
                     if not torch.isfinite(loss):
                         where = f" on rank {ctx.rank}" if ctx.is_distributed else ""
