@@ -27,12 +27,14 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 install: $(VENV)/.installed
 dev: $(VENV)/.installed-dev
 
-# The main job: train LeNet-300-100 on MNIST -> Deep Compression -> evaluate the .dsq file itself.
+# The main job: train LeNet-300-100 on MNIST -> Deep Compression -> evaluate the .dsq file itself
+# -> run it from the compressed form beside dense PyTorch and onnxruntime.
 DEMO := runs/demo
 demo: install
 	$(VENV)/bin/deepsqueeze train --model lenet300 --dataset mnist --out $(DEMO)/lenet300 --seed 0 $(if $(wildcard $(DEMO)/lenet300/run.json),--resume,)
 	$(VENV)/bin/deepsqueeze compress $(DEMO)/lenet300/model.pt --recipe recipes/deep-compression-lenet300.yaml --dataset mnist --out $(DEMO)/lenet300.dsq
 	$(VENV)/bin/deepsqueeze evaluate $(DEMO)/lenet300.dsq --dataset mnist
+	$(VENV)/bin/deepsqueeze bench $(DEMO)/lenet300.dsq --batch 1,256 --no-memory
 
 test: dev
 	$(PY) -m pytest -q
