@@ -1,4 +1,4 @@
-"""Coverage-guided fuzzing of the .dsq model reader (``deepsqueeze.dsq.load`` and ``inspect``).
+"""Coverage-guided fuzzing of the .dsq readers: ``dsq.load``, ``inspect``, the runtime loader.
 
 Usage::
 
@@ -47,6 +47,7 @@ def _setup_reader() -> tuple[Any, Any, Any, Any]:
     """Import the reader (instrumented for coverage when atheris is present)."""
     if atheris is not None:
         with atheris.instrument_imports(include=["deepsqueeze"]):
+            import deepsqueeze.runtime  # noqa: F401  (instrumented too)
             from deepsqueeze import dsq
             from deepsqueeze.codec.container import dsq_bytes, parse_dsq
             from deepsqueeze.errors import DsqFormatError
@@ -177,8 +178,12 @@ def main(argv: list[str]) -> None:
         return
     dsq, dsq_bytes, parse_dsq, DsqFormatError = _setup_reader()
 
+    def load_runtime(data: bytes) -> None:
+        # the runtime's own decoders (no timing, no fx code generation)
+        dsq.load(data, mode="runtime", autotune=False, fuse=False)
+
     def test_one_input(data: bytes) -> None:
-        for reader in (dsq.load, dsq.inspect):
+        for reader in (dsq.load, dsq.inspect, load_runtime):
             with contextlib.suppress(DsqFormatError):
                 reader(data)
 
