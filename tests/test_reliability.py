@@ -942,3 +942,15 @@ def test_fuzz_harness_meta_mutations_stay_writable() -> None:
         dsq_bytes(new, {})
         changed += new != meta
     assert json.dumps(meta) == frozen and changed > 150
+
+
+def test_a_stored_tensor_that_does_not_fit_its_layer_is_refused_by_every_reader() -> None:
+    """Regression (found by hypothesis): an empty fc1.bias beside a full fc1.weight was refused
+    by load but reported by inspect."""
+    f = parse_dsq(real_files()["all"])
+    meta, sections = copy.deepcopy(f.meta), dict(f.sections)
+    for entry in meta["tensors"]:
+        if entry["name"] == "fc1.bias":
+            entry["shape"] = [0]
+    sections["fc1.bias:data"] = b""
+    assert _check_file(dsq_bytes(meta, sections), "bias shape does not fit its layer") == "error"

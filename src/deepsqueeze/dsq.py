@@ -25,7 +25,7 @@ from torch.nn.utils import parametrize
 
 from deepsqueeze import models
 from deepsqueeze.codec.container import DsqFile, read_dsq, write_dsq
-from deepsqueeze.codec.tensor import decode_tensor, encode_tensor
+from deepsqueeze.codec.tensor import ENCODINGS, decode_tensor, encode_tensor
 from deepsqueeze.errors import DeepSqueezeError, DsqFormatError, ModelError
 from deepsqueeze.io import model_for_shapes
 from deepsqueeze.metrics.size import FP32_BYTES, parameter_count
@@ -236,6 +236,11 @@ def _tensor_entries(dsq: DsqFile) -> list[dict[str, Any]]:
             raise DsqFormatError(
                 f"tensor {name!r}: shape must be a list of at most {MAX_RANK} non-negative "
                 f"integers, found {shape!r:.80}"
+            )
+        encoding = entry.get("encoding")
+        if not isinstance(encoding, str) or encoding not in ENCODINGS:
+            raise DsqFormatError(
+                f"tensor {name!r}: unknown encoding {encoding!r:.80}; known: {ENCODINGS}"
             )
         total += math.prod(shape)
     limit = min(MAX_ELEMENTS, max(1 << 22, MAX_EXPANSION * dsq.file_size))

@@ -193,6 +193,13 @@ def model_for_shapes(spec: models.ModelSpec, shapes: Mapping[str, tuple[int, ...
             from deepsqueeze.methods.channel_pruning import resize_to_shapes  # channel-pruned
 
             model = resize_to_shapes(model, shapes)
+        resized = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        wrong = sorted(k for k in shapes if tuple(shapes[k]) != resized.get(k))
+        if wrong:
+            raise ModelError(
+                f"stored {wrong[0]!r} has shape {list(shapes[wrong[0]])} but the layers around "
+                f"it give {list(resized.get(wrong[0], ()))} ({len(wrong)} such tensors)"
+            )
         model.eval()
         with torch.no_grad():
             model(torch.empty((1, *models.input_shape_of(model)), device="meta"))
