@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -29,6 +29,18 @@ DataDir = Annotated[
                  "~/.cache/deepsqueeze, /usr/share/datasets, then download)."),
 ]
 Progress = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")]
+
+
+def _write_json(path: Path | None, data: dict[str, Any], announce: bool = False) -> None:
+    """Write a command's numbers to ``path`` (atomically), when the user asked for it."""
+    if path is None:
+        return
+    from deepsqueeze.io import atomic_write
+
+    with atomic_write(path, "w") as handle:
+        json.dump(data, handle, indent=2)
+    if announce:
+        console.print(f"numbers written to {path}")
 
 
 @app.command()
@@ -116,12 +128,7 @@ def evaluate(
         measure_speed=speed, latency_runs=runs, throughput_batch=throughput_batch,
     )
     console.print(report.table())
-    if json_out is not None:
-        from deepsqueeze.io import atomic_write
-
-        with atomic_write(json_out, "w") as handle:
-            json.dump(report.to_dict(), handle, indent=2)
-        console.print(f"numbers written to {json_out}")
+    _write_json(json_out, report.to_dict(), announce=True)
 
 
 @app.command()
@@ -159,11 +166,7 @@ def compress(
         f"{result.file_report.compression:.1f}x smaller than dense fp32; accuracy of the file "
         f"{result.file_accuracy:.2%} (baseline {result.baseline_accuracy:.2%})"
     )
-    if json_out is not None:
-        from deepsqueeze.io import atomic_write
-
-        with atomic_write(json_out, "w") as handle:
-            json.dump(result.to_dict(), handle, indent=2)
+    _write_json(json_out, result.to_dict())
 
 
 @app.command()
@@ -178,11 +181,7 @@ def inspect(
 
     report = run_inspect(dsq_file)
     console.print(report.table())
-    if json_out is not None:
-        from deepsqueeze.io import atomic_write
-
-        with atomic_write(json_out, "w") as handle:
-            json.dump(report.to_dict(), handle, indent=2)
+    _write_json(json_out, report.to_dict())
 
 
 @app.command()
@@ -224,12 +223,7 @@ def bench(
         console.print(info.table())
     for note in report.notes:
         console.print(f"[yellow]note:[/] {note}")
-    if json_out is not None:
-        from deepsqueeze.io import atomic_write
-
-        with atomic_write(json_out, "w") as handle:
-            json.dump(report.to_dict(), handle, indent=2)
-        console.print(f"numbers written to {json_out}")
+    _write_json(json_out, report.to_dict(), announce=True)
 
 
 @app.command()

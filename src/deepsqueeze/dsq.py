@@ -27,7 +27,7 @@ from deepsqueeze import models
 from deepsqueeze.codec.container import DsqFile, read_dsq, write_dsq
 from deepsqueeze.codec.tensor import ENCODINGS, decode_tensor, encode_tensor
 from deepsqueeze.errors import DeepSqueezeError, DsqFormatError, ModelError
-from deepsqueeze.io import model_for_shapes
+from deepsqueeze.io import load_model, model_for_shapes
 from deepsqueeze.metrics.size import FP32_BYTES, parameter_count
 from deepsqueeze.pipeline.recipe import EncodeOptions
 
@@ -261,6 +261,20 @@ def _decode(entry: dict[str, Any], sections: dict[str, bytes]) -> torch.Tensor:
     return tensor
 
 
+def _read_checked(
+    path: Source,
+) -> tuple[str, DsqFile, list[dict[str, Any]], models.ModelSpec]:
+    """Read a .dsq file and check its manifest: (label, file, tensor entries, model spec)."""
+    where = _label(path)
+    dsq = read_dsq(path)
+    entries = _tensor_entries(dsq)
+    try:
+        spec = models.ModelSpec.from_dict(dsq.meta.get("model"))
+    except DeepSqueezeError as exc:
+        raise DsqFormatError(f"{where}: bad model spec in manifest: {exc}") from exc
+    return where, dsq, entries, spec
+
+
 def _skeleton(spec: models.ModelSpec, shapes: dict[str, tuple[int, ...]], where: str) -> nn.Module:
     """The model of ``spec`` on the meta device, sized and checked for the stored ``shapes``."""
     try:
@@ -285,13 +299,7 @@ def load(path: Source, mode: Literal["dense", "runtime"] = "dense", **runtime: A
     if mode != "dense" or runtime:
         raise DeepSqueezeError(f"load: mode must be 'dense' or 'runtime' (options only with "
                                f"'runtime'), got {mode!r} with {sorted(runtime)}")
-    where = _label(path)
-    dsq = read_dsq(path)
-    entries = _tensor_entries(dsq)
-    try:
-        spec = models.ModelSpec.from_dict(dsq.meta.get("model"))
-    except DeepSqueezeError as exc:
-        raise DsqFormatError(f"{where}: bad model spec in manifest: {exc}") from exc
+    where, dsq, entries, spec = _read_checked(path)
     model = _skeleton(spec, {e["name"]: tuple(e["shape"]) for e in entries}, where)
     state = {entry["name"]: _decode(entry, dsq.sections) for entry in entries}
     model = model.to_empty(device="cpu")  # real memory: exactly the stored shapes
@@ -305,18 +313,18 @@ def load(path: Source, mode: Literal["dense", "runtime"] = "dense", **runtime: A
     return model
 
 
+def load_model_or_dsq(path: str | Path) -> nn.Module:
+    """A model file: a .dsq file decoded dense (:func:`load`), anything else as a model.pt."""
+    path = Path(path)
+    return load(path) if path.suffix == ".dsq" else load_model(path)
+
+
 def inspect(path: Source) -> FileReport:
     """The per-layer size table of a .dsq file, computed from the file alone.
 
     The file is checked as fully as by :func:`load` (without allocating the model).
     """
-    where = _label(path)
-    dsq = read_dsq(path)
-    entries = _tensor_entries(dsq)
-    try:
-        spec = models.ModelSpec.from_dict(dsq.meta["model"])
-    except DeepSqueezeError as exc:
-        raise DsqFormatError(f"{where}: bad model spec in manifest: {exc}") from exc
+    where, dsq, entries, spec = _read_checked(path)
     _skeleton(spec, {e["name"]: tuple(e["shape"]) for e in entries}, where)
     param_names = set(dsq.meta.get("parameters") or [])
     layers: dict[str, LayerRow] = {}

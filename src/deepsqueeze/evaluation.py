@@ -12,7 +12,6 @@ from torch import nn
 
 from deepsqueeze import models
 from deepsqueeze.data import load_dataset
-from deepsqueeze.io import load_model
 from deepsqueeze.metrics.accuracy import accuracy_and_loss
 from deepsqueeze.metrics.macs import macs_per_sample
 from deepsqueeze.metrics.size import dense_fp32_bytes, file_bytes, nonzero_count, parameter_count
@@ -102,13 +101,10 @@ def evaluate(
     """
     path = None
     if isinstance(model, (str, Path)):
-        path = Path(model)
-        if path.suffix == ".dsq":
-            from deepsqueeze.dsq import load
+        from deepsqueeze.dsq import load_model_or_dsq
 
-            model = load(path)
-        else:
-            model = load_model(path)
+        path = Path(model)
+        model = load_model_or_dsq(path)
     model = model.cpu().eval()
     data = load_dataset(dataset, split, data_dir=data_dir)
     if subset:

@@ -20,12 +20,10 @@ depth-checked before parsing, and every section's CRC-32 is verified. Any defect
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import re
-import secrets
 import struct
 import zlib
 from collections.abc import Mapping
@@ -231,47 +229,15 @@ def write_dsq(
     failure the temp file is removed and an existing ``path`` is left untouched.
     Bad arguments raise ``ValueError`` / ``TypeError``.
     """
+    from deepsqueeze.io import atomic_write  # the one atomic writer (io imports torch)
+
     head, views = _build(meta, sections)
-    path = Path(path)
-    folder = path.parent
-    folder.mkdir(parents=True, exist_ok=True)
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-    for _ in range(100):
-        tmp = folder / f".{path.name}.{secrets.token_hex(6)}.tmp"
-        try:
-            fd = os.open(tmp, flags, 0o666)  # the umask applies, as for a normal file
-            break
-        except FileExistsError:
-            continue
-    else:  # pragma: no cover - 100 random-name collisions
-        raise FileExistsError(f"could not create a temporary file in {folder}")
-    total = len(head) + sum(v.nbytes for v in views)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(head)
-            for view in views:
-                handle.write(view)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(folder)
-    return total
+    with atomic_write(path) as handle:
+        handle.write(head)
+        for view in views:
+            handle.write(view)
+    return len(head) + sum(v.nbytes for v in views)
 
-
-def _fsync_dir(folder: Path) -> None:
-    """Best effort: make the rename durable (POSIX only)."""
-    if os.name != "posix":
-        return
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 # --------------------------------------------------------------------------- reading

@@ -227,6 +227,25 @@ def _codebook_and_symbols(
     return codebook, symbols
 
 
+def sparse_positions(
+    entry: dict[str, Any], sections: dict[str, bytes], name: str, total: int
+) -> np.ndarray:
+    """Flat positions of a sparse entry's stored values (fillers included), fully checked."""
+    ib = _field(entry, "index_bits", int, name)
+    entries = _field(entry, "entries", int, name)
+    if not 1 <= ib <= MAX_INDEX_BITS or entries > 8 * len(sections.get(f"{name}:index", b"")) + 1:
+        raise DsqFormatError(f"tensor {name}: index_bits {ib} or entry count {entries} invalid")
+    if total > entries * (1 << ib):
+        raise DsqFormatError(f"tensor {name}: {entries} entries cannot cover {total} elements")
+    gaps = _decode_indices(
+        _section(sections, f"{name}:index"), entry.get("index_coding"), ib, entries, name
+    )
+    positions = relative_index_decode(gaps, total, ib)
+    if entries and int(positions[-1]) != total - 1:
+        raise DsqFormatError(f"tensor {name}: relative index does not end at the last element")
+    return positions
+
+
 def decode_tensor(
     entry: dict[str, Any], sections: dict[str, bytes], max_elements: int = 1 << 28
 ) -> torch.Tensor:
@@ -249,18 +268,8 @@ def decode_tensor(
     if encoding == "codebook":
         codebook, symbols = _codebook_and_symbols(entry, sections, name, dtype, total, False)
         return torch.from_numpy(codebook[symbols]).reshape(shape)
-    ib = _field(entry, "index_bits", int, name)
+    positions = sparse_positions(entry, sections, name, total)
     entries = _field(entry, "entries", int, name)
-    if not 1 <= ib <= MAX_INDEX_BITS or entries > 8 * len(sections.get(f"{name}:index", b"")) + 1:
-        raise DsqFormatError(f"tensor {name}: index_bits {ib} or entry count {entries} invalid")
-    if total > entries * (1 << ib):
-        raise DsqFormatError(f"tensor {name}: {entries} entries cannot cover {total} elements")
-    gaps = _decode_indices(
-        _section(sections, f"{name}:index"), entry.get("index_coding"), ib, entries, name
-    )
-    positions = relative_index_decode(gaps, total, ib)
-    if entries and int(positions[-1]) != total - 1:
-        raise DsqFormatError(f"tensor {name}: relative index does not end at the last element")
     if encoding == "sparse":
         vals = _floats(_section(sections, f"{name}:values"), dtype, entries, name)
         vals = vals.astype(np.float32)

@@ -24,6 +24,7 @@ before ``begin_step`` and stay frozen after ``end_step``.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -51,7 +52,7 @@ def polynomial_sparsity(
     return final + (initial - final) * (1.0 - progress) ** power
 
 
-class _ScheduleBase(BaseModel):
+class _ScheduleBase(BaseModel, ABC):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     @property
@@ -59,13 +60,13 @@ class _ScheduleBase(BaseModel):
         """The last step at which the schedule may update masks."""
         return 0
 
+    @abstractmethod
     def due(self, step: int) -> bool:
         """Whether masks are updated at ``step``; O(1)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def sparsity_at(self, step: int, final: float) -> float | None:
         """The target sparsity at ``step`` for final sparsity ``final``, or ``None``."""
-        raise NotImplementedError
 
 
 class OneShot(_ScheduleBase):

@@ -22,14 +22,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from deepsqueeze.codec.sparse import relative_index_decode
 from deepsqueeze.codec.tensor import (
-    MAX_INDEX_BITS,
     _codebook_and_symbols,
-    _decode_indices,
     _field,
     _floats,
     _section,
+    sparse_positions,
 )
 from deepsqueeze.errors import DsqFormatError
 from deepsqueeze.runtime.kernel import MODE_BITS, MODE_CB4, MODE_CB8, MODE_CB16, MODE_F32
@@ -241,18 +239,8 @@ def decode_sparse(entry: dict[str, Any], sections: dict[str, bytes]) -> Compress
     dtype = _field(entry, "dtype", str, name)
     rows, cols = matrix_shape(shape)
     total = rows * cols
-    ib = _field(entry, "index_bits", int, name)
+    positions = sparse_positions(entry, sections, name, total)
     entries = _field(entry, "entries", int, name)
-    if not 1 <= ib <= MAX_INDEX_BITS or entries > 8 * len(sections.get(f"{name}:index", b"")) + 1:
-        raise DsqFormatError(f"tensor {name}: index_bits {ib} or entry count {entries} invalid")
-    if total > entries * (1 << ib):
-        raise DsqFormatError(f"tensor {name}: {entries} entries cannot cover {total} elements")
-    gaps = _decode_indices(
-        _section(sections, f"{name}:index"), entry.get("index_coding"), ib, entries, name
-    )
-    positions = relative_index_decode(gaps, total, ib)
-    if entries and int(positions[-1]) != total - 1:
-        raise DsqFormatError(f"tensor {name}: relative index does not end at the last element")
     if encoding == "sparse":
         values = _floats(_section(sections, f"{name}:values"), dtype, entries, name)
         values = values.astype(np.float32)

@@ -19,8 +19,7 @@ from rich.table import Table
 from torch import nn
 
 from deepsqueeze import models
-from deepsqueeze.codec.container import read_dsq
-from deepsqueeze.dsq import _decode, _label, _skeleton, _tensor_entries
+from deepsqueeze.dsq import _decode, _read_checked, _skeleton
 from deepsqueeze.errors import DeepSqueezeError, DsqFormatError
 from deepsqueeze.metrics.size import FP32_BYTES
 from deepsqueeze.models.registry import SPEC_ATTR
@@ -140,13 +139,7 @@ def load_runtime(
     """
     if batch_size < 1:
         raise DeepSqueezeError(f"batch_size must be positive, got {batch_size}")
-    where = _label(source)
-    dsq = read_dsq(source)
-    entries = _tensor_entries(dsq)
-    try:
-        spec = models.ModelSpec.from_dict(dsq.meta.get("model"))
-    except DeepSqueezeError as exc:
-        raise DsqFormatError(f"{where}: bad model spec in manifest: {exc}") from exc
+    where, dsq, entries, spec = _read_checked(source)
     by_name = {e["name"]: e for e in entries}
     shapes = {n: tuple(e["shape"]) for n, e in by_name.items()}
     model = _skeleton(spec, shapes, where)

@@ -42,15 +42,9 @@ def export_onnx(source: nn.Module | str | Path, out: str | Path | None = None,
     from deepsqueeze import models
 
     if isinstance(source, (str, Path)):
-        path = Path(source)
-        if path.suffix == ".dsq":
-            from deepsqueeze.dsq import load
+        from deepsqueeze.dsq import load_model_or_dsq
 
-            model = load(path)
-        else:
-            from deepsqueeze.io import load_model
-
-            model = load_model(path)
+        model = load_model_or_dsq(source)
     else:
         model = source
     model = model.cpu().eval()
