@@ -31,3 +31,11 @@ class DsqFormatError(DeepSqueezeError):
 
 class RecipeError(DeepSqueezeError):
     """A compression recipe is invalid; the message names the wrong field."""
+
+
+class OptionError(DeepSqueezeError):
+    """An option or argument is out of its range or not one of its allowed values (named)."""
+
+
+class OutputPathError(DeepSqueezeError):
+    """An output path cannot be written, or is one of the command's input files."""

@@ -12,6 +12,7 @@ import json
 import os
 import pickle
 import secrets
+import stat
 import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -32,18 +33,23 @@ FORMAT_VERSION = 1
 def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
     """Open a temp file beside ``path``; on success fsync and rename it over ``path``.
 
-    On any exception the temp file is removed and ``path`` is untouched. The file gets the
-    permissions of a normal new file (0o666 less the umask), and the rename is made durable by
-    an fsync of the folder (POSIX, best effort).
+    On any exception the temp file is removed and ``path`` is untouched. A new file gets the
+    permissions of a normal new file (0o666 less the umask); a file that is replaced keeps its
+    permission bits (a private 0o600 file stays private). The rename is made durable by an fsync
+    of the folder (POSIX, best effort).
     """
     path = Path(path)
     folder = path.parent
     folder.mkdir(parents=True, exist_ok=True)
+    try:
+        keep_mode: int | None = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        keep_mode = None  # a new file: the umask decides
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
     for _ in range(100):
         tmp = folder / f".{path.name}.{secrets.token_hex(6)}.tmp"
         try:
-            fd = os.open(tmp, flags, 0o666)
+            fd = os.open(tmp, flags, 0o600 if keep_mode is not None else 0o666)
             break
         except FileExistsError:
             continue
@@ -51,6 +57,8 @@ def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
         raise FileExistsError(f"could not create a temporary file in {folder}")
     try:
         with os.fdopen(fd, mode) as handle:
+            if keep_mode is not None:
+                os.chmod(handle.fileno() if os.chmod in os.supports_fd else tmp, keep_mode)
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
