@@ -39,3 +39,8 @@ class OptionError(DeepSqueezeError):
 
 class OutputPathError(DeepSqueezeError):
     """An output path cannot be written, or is one of the command's input files."""
+
+
+class RuntimeInputError(DeepSqueezeError, ValueError):
+    """An input a runtime layer cannot take (shape, dtype, device, layout), or a call the C
+    kernel refused; the message names the layer and what it expects."""
