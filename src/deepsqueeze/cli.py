@@ -1,17 +1,34 @@
-"""The ``deepsqueeze`` command line: a thin layer over the Python API."""
+"""The ``deepsqueeze`` command line: a thin layer over the Python API.
+
+One error path (:func:`main`): a bad input, a bad option, a usage mistake or an OS error on a
+user's path ends with one line on stderr, ``error: <what is wrong>``, and exit status 2; an
+interrupt with ``error: interrupted`` and status 130. Anything else is a bug and keeps its
+traceback. Output is plain text styled by us: nothing from a file, a path or an option is ever
+parsed as rich markup or emoji codes (the consoles have markup, emoji and highlighting off).
+"""
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
-from deepsqueeze.errors import DeepSqueezeError
+from deepsqueeze.errors import DeepSqueezeError, OptionError, OutputPathError
+
+try:  # recent typer vendors click
+    from typer._click.exceptions import ClickException as _ClickException
+    from typer._click.exceptions import UsageError as _ClickUsageError
+except ImportError:  # pragma: no cover - older typer on click
+    from click.exceptions import ClickException as _ClickException
+    from click.exceptions import UsageError as _ClickUsageError
 
 app = typer.Typer(
     name="deepsqueeze",
@@ -20,8 +37,12 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-console = Console()
-err_console = Console(stderr=True)
+# markup/emoji/highlight off: text from files, paths and options is shown as it is
+console = Console(markup=False, emoji=False, highlight=False)
+err_console = Console(stderr=True, markup=False, emoji=False, highlight=False, soft_wrap=True)
+EXIT_ERROR = 2  # a bad input, option or path; also click's usage errors
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+MAX_ERROR_CHARS = 4000
 
 DataDir = Annotated[
     Path | None,
@@ -29,6 +50,18 @@ DataDir = Annotated[
                  "~/.cache/deepsqueeze, /usr/share/datasets, then download)."),
 ]
 Progress = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")]
+
+
+def _check_outputs(json_out: Path | None, inputs: Iterable[Path | None],
+                   out: Path | None = None) -> None:
+    """Before any work: ``--json`` (and ``--out``) can be written and are none of the inputs."""
+    if json_out is None:
+        return
+    from deepsqueeze.outputs import check_output_file, same_file
+
+    if out is not None and same_file(json_out, out):
+        raise OutputPathError(f"--json {json_out} and --out {out} are the same file")
+    check_output_file(json_out, inputs=inputs, option="--json")
 
 
 def _write_json(path: Path | None, data: dict[str, Any], announce: bool = False) -> None:
@@ -41,6 +74,11 @@ def _write_json(path: Path | None, data: dict[str, Any], announce: bool = False)
         json.dump(data, handle, indent=2)
     if announce:
         console.print(f"numbers written to {path}")
+
+
+def _labelled(label: str, style: str, message: str) -> Text:
+    """``label message`` with only our label styled."""
+    return Text.assemble((label, style), " ", message)
 
 
 @app.command()
@@ -78,8 +116,9 @@ def train(
     from deepsqueeze.training import distributed
 
     if dist_timeout is not None:
-        if dist_timeout <= 0:
-            raise DeepSqueezeError(f"--dist-timeout must be positive, got {dist_timeout}")
+        from deepsqueeze.options import check_float
+
+        check_float("--dist-timeout (seconds)", dist_timeout, 1e-3, 1e7)
         os.environ[distributed.ENV_TIMEOUT] = str(dist_timeout)
     if nproc is not None:
         argv = distributed.strip_option(sys.argv[1:], "--nproc")
@@ -96,12 +135,10 @@ def train(
     distributed.shutdown_distributed()
     if not distributed.is_main_process():
         return  # under torchrun only rank 0 reports
-    if resume and out is not None and (out / "run.json").is_file():  # names as recorded
-        recorded = json.loads((out / "run.json").read_text())
-        model, dataset = recorded["model"], recorded["dataset"]
     fit = result.fit
     acc = f"{fit.test_accuracy:.2%}" if fit.test_accuracy is not None else "n/a"
-    console.print(f"trained {model} on {dataset}: test accuracy {acc} in {fit.train_time_s:.1f} s")
+    console.print(f"trained {result.model_name} on {result.dataset}: test accuracy {acc} in "
+                  f"{fit.train_time_s:.1f} s")
     if result.model_path is not None:
         console.print(f"model written to {result.model_path}")
 
@@ -123,6 +160,7 @@ def evaluate(
     """Accuracy, loss, parameters, bytes, MACs, latency and throughput of a saved model."""
     from deepsqueeze.evaluation import evaluate as run_evaluate
 
+    _check_outputs(json_out, [model_file])
     report = run_evaluate(
         model_file, dataset, split=split, data_dir=data_dir, subset=subset,
         measure_speed=speed, latency_runs=runs, throughput_batch=throughput_batch,
@@ -149,6 +187,7 @@ def compress(
     """Run a recipe (prune → fine-tune → share → fine-tune → encode) and write a .dsq file."""
     from deepsqueeze.pipeline import compress as run_compress
 
+    _check_outputs(json_out, [model_file, recipe], out=out)
     result = run_compress(model_file, recipe, dataset=dataset, out=out, data_dir=data_dir,
                           subset=subset, progress=progress)
     stages = Table(title=f"recipe {result.recipe.name}")
@@ -179,6 +218,7 @@ def inspect(
     """Per-layer table of a .dsq file: weights, % kept, bits per weight and index, bytes, ratio."""
     from deepsqueeze.dsq import inspect as run_inspect
 
+    _check_outputs(json_out, [dsq_file])
     report = run_inspect(dsq_file)
     console.print(report.table())
     _write_json(json_out, report.to_dict())
@@ -202,27 +242,29 @@ def bench(
     ] = None,
 ) -> None:
     """Latency (median, p95), throughput and memory: dense PyTorch vs our runtime vs onnxruntime."""
+    from deepsqueeze.options import short_repr
     from deepsqueeze.runtime.bench import BACKENDS
     from deepsqueeze.runtime.bench import bench as run_bench
 
     try:
         batches = [int(b) for b in batch.split(",") if b.strip()]
     except ValueError as exc:
-        raise DeepSqueezeError(f"--batch must be comma-separated integers, got {batch!r}") from exc
-    if not batches or min(batches) < 1 or runs < 1:
-        raise DeepSqueezeError("--batch needs positive integers and --runs must be positive")
+        raise OptionError(
+            f"--batch must be comma-separated integers, got {short_repr(batch)}"
+        ) from exc
+    _check_outputs(json_out, [dsq_file])
     report = run_bench(
         dsq_file, batches, runs=runs, threads=threads, memory=memory,
         backends=[b for b in BACKENDS if onnx or b != "onnxruntime"],
         autotune=autotune, memory_budget=memory_budget or None,
-        progress=lambda msg: err_console.print(f"[dim]{msg}[/]"),
+        progress=lambda msg: err_console.print(Text(msg, style="dim")),
     )
     console.print(report.speed_table())
     console.print(report.memory_table())
     for info in report.runtime_infos.values():
         console.print(info.table())
     for note in report.notes:
-        console.print(f"[yellow]note:[/] {note}")
+        console.print(_labelled("note:", "yellow", note))
     _write_json(json_out, report.to_dict(), announce=True)
 
 
@@ -269,10 +311,59 @@ def list_datasets(data_dir: DataDir = None) -> None:
     console.print(table)
 
 
-def main() -> None:
-    """Entry point: run the app; deepsqueeze errors print one clear line, no traceback."""
+def one_line(message: str) -> str:
+    """``message`` as one printable line: lines joined, control characters escaped (a path or
+    a field from a file can hold any character), cut at ``MAX_ERROR_CHARS``."""
+    text = " ".join(part.strip() for part in message.splitlines() if part.strip())
+    text = "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
+    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 3] + "..."
+
+
+def _fail(message: str, code: int = EXIT_ERROR) -> NoReturn:
+    """Print ``error: message`` as one line on stderr and exit with ``code``."""
+    err_console.print(_labelled("error:", "bold red", one_line(message) or "failed"))
+    sys.exit(code)
+
+
+def _os_error_message(exc: OSError) -> str:
+    """``path: reason`` for an OS error on a user's path (permission denied, disk full, ...)."""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    paths = [str(p) for p in (exc.filename, exc.filename2) if p is not None]
+    return f"{' -> '.join(paths)}: {reason}" if paths else reason
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    """Entry point (``deepsqueeze``, ``python -m deepsqueeze``): run the command in ``argv``
+    (default ``sys.argv[1:]``) and exit.
+
+    Exit status 0 on success; 2 with one ``error: ...`` line on stderr for a deepsqueeze
+    error (bad file, option, path), a usage error (unknown option, missing argument) or an
+    OS error (permission denied, no space left, a folder where a file was expected); 130 with
+    ``error: interrupted`` on Ctrl-C. Any other exception is a bug: it keeps its traceback.
+    """
+    command = typer.main.get_command(app)
     try:
-        app()
+        code = command.main(args=argv, prog_name="deepsqueeze", standalone_mode=False)
     except DeepSqueezeError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+        _fail(str(exc))
+    except _ClickUsageError as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # bare `deepsqueeze`: the help
+            typer.echo(exc.ctx.get_help() if exc.ctx is not None else exc.format_message())
+            sys.exit(EXIT_ERROR)
+        hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+        _fail(exc.format_message() + hint, exc.exit_code)
+    except _ClickException as exc:
+        _fail(exc.format_message(), exc.exit_code)
+    except (KeyboardInterrupt, typer.Abort):
+        _fail("interrupted", EXIT_INTERRUPTED)
+    except OSError as exc:
+        if exc.errno == errno.EPIPE:  # the reader went away (`deepsqueeze models | head`)
+            sys.exit(1)
+        _fail(_os_error_message(exc))
+    except Exception as exc:
+        exc.add_note("deepsqueeze: this is a bug, not a problem with your input; please report "
+                     "it with the traceback above")
+        raise
+    if code == EXIT_INTERRUPTED:  # typer turns Ctrl-C into Exit(130)
+        _fail("interrupted", EXIT_INTERRUPTED)
+    sys.exit(code if isinstance(code, int) else 0)

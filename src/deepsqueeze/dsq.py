@@ -145,14 +145,15 @@ class FileReport:
             )
         table.add_row("(header+manifest)", "", "", "", "", "", f"{self.header_bytes:,}", "")
         table.add_row(
-            "[bold]total",
+            "total",
             f"{sum(r.weights for r in self.layers):,}",
             f"{sum(r.kept for r in self.layers) / max(1, sum(r.weights for r in self.layers)):.1%}",
             "",
             "",
             "",
-            f"[bold]{self.file_bytes:,}",
-            f"[bold]{self.compression:.1f}x",
+            f"{self.file_bytes:,}",
+            f"{self.compression:.1f}x",
+            style="bold",  # a style, not markup: cells are plain text (names come from files)
         )
         return table
 

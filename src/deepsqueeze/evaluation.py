@@ -98,7 +98,16 @@ def evaluate(
     """Evaluate a model object, a model.pt or a .dsq file on ``dataset``/``split`` on the CPU.
 
     A .dsq file is evaluated as loaded from the file itself: its accuracy is the file's accuracy.
+    Counts and sizes out of range raise :class:`OptionError` before any work.
     """
+    from deepsqueeze.options import check_int
+
+    check_int("batch_size", batch_size, 1, 1 << 24)
+    check_int("latency runs (--runs)", latency_runs, 1, 1_000_000)
+    check_int("throughput batch (--throughput-batch)", throughput_batch, 1, 1 << 16)
+    check_int("throughput_runs", throughput_runs, 1, 1_000_000)
+    if subset is not None:
+        check_int("subset (--subset)", subset, 1, 1 << 31)
     path = None
     if isinstance(model, (str, Path)):
         from deepsqueeze.dsq import load_model_or_dsq
@@ -107,7 +116,7 @@ def evaluate(
         model = load_model_or_dsq(path)
     model = model.cpu().eval()
     data = load_dataset(dataset, split, data_dir=data_dir)
-    if subset:
+    if subset is not None:
         data = data.subset(subset)
     check_fits(model, data)
     shape = tuple(data.input_shape)

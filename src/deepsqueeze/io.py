@@ -42,7 +42,7 @@ def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
     folder = path.parent
     folder.mkdir(parents=True, exist_ok=True)
     try:
-        keep_mode: int | None = stat.S_IMODE(os.stat(path).st_mode)
+        keep_mode: int | None = stat.S_IMODE(os.stat(path).st_mode) & 0o777
     except OSError:
         keep_mode = None  # a new file: the umask decides
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)

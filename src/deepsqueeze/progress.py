@@ -17,15 +17,19 @@ from rich.progress import (
 
 @contextlib.contextmanager
 def progress_bar(enabled: bool = True) -> Iterator[Progress]:
-    """A rich Progress showing description, bar, n/total, elapsed, ETA and a ``status`` field."""
+    """A rich Progress showing description, bar, n/total, elapsed, ETA and a ``status`` field.
+
+    Descriptions and status carry user text (model and dataset names, recipe stage names): they
+    are shown as plain text, never parsed as rich markup.
+    """
     bar = Progress(
-        TextColumn("[bold]{task.description}"),
+        TextColumn("{task.description}", style="bold", markup=False),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
         TextColumn("ETA"),
         TimeRemainingColumn(),
-        TextColumn("{task.fields[status]}"),
+        TextColumn("{task.fields[status]}", markup=False),
         disable=not enabled,
         transient=False,
     )

@@ -29,13 +29,16 @@ import deepsqueeze.methods  # noqa: F401  (registers every method)
 from deepsqueeze.codec.tensor import MAX_INDEX_BITS
 from deepsqueeze.errors import RecipeError
 from deepsqueeze.methods.base import METHODS, Method, create_method
-from deepsqueeze.training.loop import TrainConfig
+from deepsqueeze.options import describe_validation_error
+from deepsqueeze.training.loop import MAX_SEED, TrainConfig
+
+MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few hundred bytes; 1 MiB is far beyond any real one
 
 
 class EncodeOptions(BaseModel):
     """How tensors are written into the .dsq file."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     huffman: bool = Field(True, description="Huffman-code indices and gaps when that is smaller")
     index_bits: Annotated[int, Field(ge=1, le=MAX_INDEX_BITS)] | Literal["auto"] = Field(
@@ -51,7 +54,7 @@ class EncodeOptions(BaseModel):
 class Stage(BaseModel):
     """One compression step: a method with parameters, then optional fine-tuning."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     method: str
     name: str | None = None
@@ -78,12 +81,12 @@ class Stage(BaseModel):
 class Recipe(BaseModel):
     """A validated compression recipe."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     name: str = "recipe"
     model: str | None = Field(None, description="zoo model this recipe is written for (checked)")
     dataset: str | None = Field(None, description="default fine-tuning/evaluation dataset")
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     stages: list[Stage] = Field(min_length=1)
     encode: EncodeOptions = Field(default_factory=EncodeOptions)
 
@@ -103,11 +106,7 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
-        msgs = []
-        for err in exc.errors():
-            loc = ".".join(str(p) for p in err["loc"]) or "(root)"
-            msgs.append(f"{loc}: {err['msg']}")
-        raise RecipeError(f"{source}: " + "; ".join(msgs)) from exc
+        raise RecipeError(f"{source}: " + describe_validation_error(exc, options=False)) from exc
     try:
         recipe.methods()
     except RecipeError as exc:
@@ -121,11 +120,32 @@ def load_recipe(recipe: str | Path | dict[str, Any] | Recipe) -> Recipe:
         return recipe
     if isinstance(recipe, dict):
         return parse_recipe(recipe)
-    path = Path(recipe)
-    if not path.is_file():
-        raise RecipeError(f"recipe file {path} not found")
+    return parse_recipe(_parse_yaml(Path(recipe)), str(recipe))
+
+
+def _parse_yaml(path: Path) -> Any:
+    """The YAML document in recipe file ``path``: a regular file of UTF-8 text, at most
+    ``MAX_RECIPE_BYTES``."""
+    if path.is_dir():
+        raise RecipeError(f"recipe {path} is a folder; give a recipe .yaml file (see recipes/)")
+    if not path.is_file():  # missing, or a FIFO / device whose read could block forever
+        raise RecipeError(f"recipe file {path} not found (or not a regular file)")
     try:
-        data = yaml.safe_load(path.read_text())
+        with path.open("rb") as handle:
+            raw = handle.read(MAX_RECIPE_BYTES + 1)
+    except OSError as exc:
+        raise RecipeError(f"recipe file {path}: cannot read it ({exc.strerror})") from exc
+    if len(raw) > MAX_RECIPE_BYTES:
+        raise RecipeError(f"recipe file {path} is larger than {MAX_RECIPE_BYTES:,} bytes")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeError(
+            f"recipe file {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8"
+        ) from exc
+    try:
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise RecipeError(f"{path}: not valid YAML: {exc}") from exc
-    return parse_recipe(data, str(path))
+        raise RecipeError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from exc
+    except RecursionError as exc:
+        raise RecipeError(f"{path}: the YAML nests too deeply") from exc

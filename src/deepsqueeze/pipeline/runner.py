@@ -17,6 +17,8 @@ from deepsqueeze.errors import ModelError, RecipeError
 from deepsqueeze.io import load_model
 from deepsqueeze.methods.base import select_layers
 from deepsqueeze.metrics.accuracy import accuracy_and_loss
+from deepsqueeze.options import check_int
+from deepsqueeze.outputs import check_output_file
 from deepsqueeze.pipeline.recipe import Recipe, load_recipe
 from deepsqueeze.training.loop import fit
 from deepsqueeze.training.run import check_fits
@@ -87,8 +89,13 @@ def compress(
 
     Each stage applies its method to its selected layers, then fine-tunes with the stage's
     settings through :func:`deepsqueeze.training.fit`. With ``out``, the result is saved as a
-    .dsq file, and (``evaluate_file``) the file itself is loaded back and evaluated.
+    .dsq file, and (``evaluate_file``) the file itself is loaded back and evaluated; ``out`` is
+    checked first (:class:`OutputPathError` when it is a folder, cannot be written, or is the
+    model or recipe file), before any work.
     """
+    if out is not None:
+        inputs = [p for p in (model, recipe) if isinstance(p, (str, Path))]
+        check_output_file(out, inputs=inputs)
     recipe = load_recipe(recipe)
     if isinstance(model, (str, Path)):
         model = load_model(model)
@@ -103,7 +110,8 @@ def compress(
         raise RecipeError("no dataset: pass --dataset or set 'dataset' in the recipe")
     train_set = load_dataset(dataset, "train", data_dir=data_dir)
     test_set = load_dataset(dataset, "test", data_dir=data_dir)
-    if subset:
+    if subset is not None:
+        check_int("subset (--subset)", subset, 1, 1 << 31)
         train_set = train_set.subset(subset, seed=recipe.seed)
     check_fits(model, train_set)
     x_test = test_set.normalized()

@@ -22,11 +22,17 @@ import torch
 from rich.table import Table
 
 from deepsqueeze import models
+from deepsqueeze.errors import OptionError
+from deepsqueeze.options import check_float, check_int
 from deepsqueeze.runtime.autotune import cpu_model
 from deepsqueeze.runtime.loader import RuntimeInfo, load_runtime, runtime_info
 from deepsqueeze.runtime.memory import held_bytes, measure_peak_rss
 
 BACKENDS = ("dense", "runtime", "onnxruntime")
+MAX_BATCH = 1 << 16  # inputs of 2^16 samples; a larger batch measures nothing a smaller does not
+MAX_RUNS = 1_000_000
+MAX_THREADS = 1024
+MAX_MEMORY_BUDGET = 1e6
 
 
 @dataclass
@@ -139,9 +145,25 @@ def bench(
     memory_budget: float | None = 2.0,
     progress: Callable[[str], None] | None = None,
 ) -> BenchReport:
-    """Benchmark ``path`` at each batch size on ``backends`` (see module doc)."""
+    """Benchmark ``path`` at each batch size on ``backends`` (see module doc).
+
+    Raises :class:`OptionError` for a batch size outside 1..``MAX_BATCH``, ``runs`` outside
+    1..``MAX_RUNS``, ``threads`` outside 1..``MAX_THREADS``, a ``memory_budget`` that is not a
+    positive number (None: no limit) or an unknown backend, before any work.
+    """
     from deepsqueeze.dsq import load
 
+    batches = [check_int("batch size (--batch)", b, 1, MAX_BATCH) for b in batches]
+    if not batches:
+        raise OptionError("--batch needs at least one batch size")
+    check_int("runs (--runs)", runs, 1, MAX_RUNS)
+    if threads is not None:
+        check_int("threads (--threads)", threads, 1, MAX_THREADS)
+    if memory_budget is not None:
+        check_float("memory budget (--memory-budget)", memory_budget, 1e-9, MAX_MEMORY_BUDGET)
+    unknown = [b for b in backends if b not in BACKENDS]
+    if unknown:
+        raise OptionError(f"unknown backends {unknown}; known: {', '.join(BACKENDS)}")
     say = progress or (lambda _msg: None)
     if threads is not None:
         torch.set_num_threads(threads)

@@ -72,7 +72,7 @@ class RuntimeInfo:
         for col in ("layer", "form", "kept", *[f"{n} µs" for n in names], "chosen", "held B",
                     "file B"):
             table.add_column(col, justify="left" if col in ("layer", "form", "chosen")
-                             else "right")
+                             else "right", style="bold" if col == "chosen" else None)
         for c in self.layers:
             times = [
                 ("-" if n not in c.time_us else
@@ -80,7 +80,7 @@ class RuntimeInfo:
                 for n in names
             ]
             chosen = c.impl + (f" in {c.fused_into}" if c.fused_into else "")
-            table.add_row(c.layer, c.encoding, f"{c.density:.1%}", *times, f"[bold]{chosen}",
+            table.add_row(c.layer, c.encoding, f"{c.density:.1%}", *times, chosen,
                           f"{c.held_bytes[c.impl]:,}", f"{c.file_bytes:,}")
         for f in self.fused:
             times = ", ".join(f"{k} {v:.1f} µs" for k, v in f["time_us"].items())

@@ -5,12 +5,15 @@ executors keep outside buffers (scipy arrays, sparse CSR tensors). Peak RSS is m
 fresh interpreter per backend (``python -m deepsqueeze.runtime.memory``), so the backends do not
 pollute each other's numbers: the high-water mark ``VmHWM`` is read after the imports (the
 baseline) and after loading the model and running it, and both are reported.
+
+The fresh interpreter runs isolated (``python -I``): neither the working directory nor
+``$PYTHONPATH`` is on its ``sys.path``, so a ``torch.py`` or ``deepsqueeze/`` lying in the folder
+``bench`` is run from is never imported; deepsqueeze itself is found where this process found it.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -120,17 +123,34 @@ def measure_peak_rss(
         "onnx": str(onnx) if onnx is not None else None,
         "runs": runs,
     }
-    src = str(Path(__file__).resolve().parents[2])
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH", "")) if p)
     proc = subprocess.run(
-        [sys.executable, "-m", "deepsqueeze.runtime.memory", json.dumps(spec)],
-        capture_output=True, text=True, timeout=timeout, env=env,
+        isolated_command("deepsqueeze.runtime.memory", json.dumps(spec)),
+        capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
     )
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         raise RuntimeError(f"peak RSS measurement of {backend} failed: {' | '.join(tail)}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# Run by ``isolated_command``: put this package's folder first on the path (unless the
+# isolated interpreter has it already), then run the module as ``python -m`` would.
+_BOOTSTRAP = (
+    "import runpy, sys; pkg = sys.argv.pop(1); mod = sys.argv.pop(1)\n"
+    "if pkg not in sys.path: sys.path.insert(0, pkg)\n"
+    "sys.argv[0] = mod; runpy.run_module(mod, run_name='__main__', alter_sys=True)"
+)
+
+
+def isolated_command(module: str, *args: str) -> list[str]:
+    """The command line running ``python -m module args`` in an isolated interpreter.
+
+    ``-I``: no working directory, script folder or ``$PYTHON*`` variables on the path, no user
+    site-packages; the folder holding this ``deepsqueeze`` package is added explicitly, so the
+    child runs the same deepsqueeze whether it is installed or run from a source tree.
+    """
+    package_parent = str(Path(__file__).resolve().parents[2])
+    return [sys.executable, "-I", "-c", _BOOTSTRAP, package_parent, module, *args]
 
 
 if __name__ == "__main__":

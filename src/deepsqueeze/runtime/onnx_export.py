@@ -37,7 +37,12 @@ def _require(module: str) -> Any:
 def export_onnx(source: nn.Module | str | Path, out: str | Path | None = None,
                 opset: int = OPSET) -> bytes:
     """Export a model (or a .dsq / model.pt file, decoded dense) to ONNX; returns the bytes and
-    writes them to ``out`` when given."""
+    writes them to ``out`` when given (checked first: :class:`OutputPathError` when ``out`` is
+    a folder, cannot be written, or is the ``source`` file)."""
+    if out is not None:
+        from deepsqueeze.outputs import check_output_file
+
+        check_output_file(out, inputs=[source] if isinstance(source, (str, Path)) else [])
     _require("onnx")
     from deepsqueeze import models
 

@@ -19,15 +19,16 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from deepsqueeze import models
 from deepsqueeze.data import ImageDataset
-from deepsqueeze.errors import CheckpointError, DeepSqueezeError
+from deepsqueeze.errors import CheckpointError, DeepSqueezeError, OptionError
 from deepsqueeze.io import CHECKPOINT_FORMAT, FORMAT_VERSION, atomic_save, safe_load
 from deepsqueeze.metrics.accuracy import AccuracyResult, accuracy_and_loss
+from deepsqueeze.options import describe_validation_error
 from deepsqueeze.progress import progress_bar
 from deepsqueeze.training.distributed import (
     DistributedContext,
@@ -47,20 +48,30 @@ CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
 
 
+MAX_EPOCHS = 100_000
+MAX_BATCH_SIZE = 1 << 24
+MAX_SEED = 2**32 - 1  # numpy's seed range; torch generators take every such seed
+
+
 class TrainConfig(BaseModel):
-    """Hyper-parameters of one training run or fine-tuning stage (validated)."""
+    """Hyper-parameters of one training run or fine-tuning stage (validated).
 
-    model_config = ConfigDict(extra="forbid")
+    Every number must be finite and in range; a bad value raises :class:`OptionError` naming the
+    option, what it may be, and the value given (inside a recipe, the recipe's ``RecipeError``).
+    """
 
-    epochs: float = Field(10, ge=0, description="epochs; fractions allowed for short stages")
-    batch_size: int = Field(128, ge=1)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    epochs: float = Field(10, ge=0, le=MAX_EPOCHS,
+                          description="epochs; fractions allowed for short stages")
+    batch_size: int = Field(128, ge=1, le=MAX_BATCH_SIZE)
     optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
     lr: float = Field(0.05, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(5e-4, ge=0)
     lr_schedule: Literal["cosine", "constant", "step"] = "cosine"
     precision: Precision = "fp32"
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     augment: bool | None = Field(None, description="crop+flip; default: on for colour images")
     distill: float = Field(
         0.0, ge=0, le=1,
@@ -69,6 +80,18 @@ class TrainConfig(BaseModel):
     )
     temperature: float = Field(4.0, gt=0, description="softmax temperature of distillation")
     device: str = "auto"
+
+    def __init__(self, **options: Any) -> None:
+        try:
+            super().__init__(**options)
+        except ValidationError as exc:
+            raise OptionError(
+                "invalid training option: " + describe_validation_error(exc)
+            ) from exc
+
+    # Inside a recipe, pydantic validates the nested config itself and reports the field's
+    # path (stages.0.finetune.lr); this marks __init__ as not needed there (tests cover both).
+    __init__.__pydantic_base_init__ = True  # type: ignore[attr-defined]
 
 
 @dataclass

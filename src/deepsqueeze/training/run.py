@@ -18,13 +18,17 @@ from torch import nn
 
 from deepsqueeze import models
 from deepsqueeze.data import ImageDataset, load_dataset
-from deepsqueeze.errors import DeepSqueezeError, ModelError
+from deepsqueeze.errors import CheckpointError, DeepSqueezeError, ModelError, OptionError
 from deepsqueeze.io import atomic_write, save_model
+from deepsqueeze.options import check_int, short_repr
+from deepsqueeze.outputs import check_output_dir
 from deepsqueeze.training.distributed import is_main_process
 from deepsqueeze.training.loop import CHECKPOINT_NAME, FitResult, TrainConfig, fit
 
 RUN_NAME = "run.json"
 MODEL_NAME = "model.pt"
+MAX_RUN_FILE_BYTES = 1 << 20  # run.json is a few hundred bytes
+MAX_SUBSET = 1 << 31
 
 # Recipes that reach the documented baselines (benchmarks/baselines.py measures them).
 RECOMMENDED: dict[str, dict[str, Any]] = {
@@ -43,6 +47,8 @@ class TrainResult:
     fit: FitResult
     out_dir: Path | None
     model_path: Path | None
+    model_name: str = ""
+    dataset: str = ""
 
 
 def model_kwargs_for(name: str, dataset: ImageDataset, overrides: dict[str, Any]) -> dict[str, Any]:
@@ -71,16 +77,55 @@ def check_fits(model: nn.Module, dataset: ImageDataset) -> None:
         )
 
 
-def _config_from(options: dict[str, Any], model_name: str) -> TrainConfig:
+def _config_from(options: dict[str, Any], model_name: str, source: str = "") -> TrainConfig:
     given = {k: v for k, v in options.items() if v is not None}
     merged = {**RECOMMENDED.get(model_name, {}), **given}
     fields = set(TrainConfig.model_fields)
     unknown = set(merged) - fields
     if unknown:
-        raise DeepSqueezeError(
-            f"unknown training options {sorted(unknown)}; known: {sorted(fields)}"
+        raise OptionError(
+            f"{source}unknown training options {sorted(unknown)}; known: {sorted(fields)}"
         )
-    return TrainConfig(**merged)
+    try:
+        return TrainConfig(**merged)
+    except OptionError as exc:
+        raise OptionError(f"{source}{exc}") from exc
+
+
+def _read_run_file(path: Path) -> dict[str, Any]:
+    """The run folder's ``run.json``, checked: a CheckpointError naming the field otherwise."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not a regular file; resume a folder written by train")
+    try:
+        with path.open("rb") as handle:
+            raw = handle.read(MAX_RUN_FILE_BYTES + 1)
+        if len(raw) > MAX_RUN_FILE_BYTES:
+            raise ValueError(f"larger than {MAX_RUN_FILE_BYTES:,} bytes")
+        recorded = json.loads(raw.decode("utf-8"))
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read it ({exc.strerror})") from exc
+    except (ValueError, RecursionError) as exc:  # JSON, UTF-8, size
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(
+            f"{path}: damaged, not the JSON train writes ({detail}); start a new --out folder"
+        ) from exc
+    if not isinstance(recorded, dict):
+        raise CheckpointError(f"{path}: must hold a JSON object, got {type(recorded).__name__}")
+    expected: dict[str, tuple[type, ...]] = {
+        "model": (str,), "dataset": (str,), "subset": (int, type(None)),
+        "model_kwargs": (dict, type(None)), "config": (dict,),
+    }
+    for key, types in expected.items():
+        value = recorded.get(key)
+        if key in ("model", "dataset", "config") and key not in recorded:
+            raise CheckpointError(f"{path}: field {key!r} is missing; start a new --out folder")
+        if not isinstance(value, types) or isinstance(value, bool):
+            raise CheckpointError(
+                f"{path}: field {key!r} must be "
+                f"{' or '.join('null' if t is type(None) else t.__name__ for t in types)}, "
+                f"got {short_repr(value)}"
+            )
+    return recorded
 
 
 def train(
@@ -120,26 +165,33 @@ def train(
     }
     out_dir = Path(out) if out is not None else None
     run_file = out_dir / RUN_NAME if out_dir is not None else None
+    source = ""
+    if out_dir is not None:
+        check_output_dir(out_dir)  # before any work: a file, or a folder it cannot write
     if resume:
         if run_file is None or not run_file.exists():
             raise DeepSqueezeError(
                 f"--resume needs a run folder with {RUN_NAME}; none found in {out_dir}"
             )
-        recorded = json.loads(run_file.read_text())
+        recorded = _read_run_file(run_file)
         model, dataset = recorded["model"], recorded["dataset"]
         subset, model_kwargs = recorded.get("subset"), recorded.get("model_kwargs")
         options = {**recorded["config"], **({"epochs": epochs} if epochs is not None else {})}
+        source = f"{run_file} (the options recorded for this run): "
     elif out_dir is not None and (out_dir / CHECKPOINT_NAME).exists():
         raise DeepSqueezeError(
             f"{out_dir} already holds a run; pass --resume to continue it or choose another --out"
         )
     if not isinstance(model, str):
         raise ModelError("train() takes a zoo model name; for your own nn.Module use training.fit")
-    cfg = _config_from(options, model)
+    if not isinstance(dataset, str):
+        raise OptionError(f"dataset must be a dataset name, got {short_repr(dataset)}")
+    cfg = _config_from(options, model, source)
 
     train_set = load_dataset(dataset, "train", data_dir=data_dir)
     test_set = load_dataset(dataset, "test", data_dir=data_dir)
-    if subset:
+    if subset is not None:
+        check_int("subset (--subset)", subset, 1, MAX_SUBSET)
         train_set = train_set.subset(subset, seed=cfg.seed)
     kwargs = model_kwargs_for(model, train_set, model_kwargs or {})
     _seed_everything(cfg.seed)
@@ -161,7 +213,8 @@ def train(
                                 "test_loss": result.test_loss,
                                 "epochs": result.epochs_completed}),
         )
-    return TrainResult(model=net.cpu(), fit=result, out_dir=out_dir, model_path=model_path)
+    return TrainResult(model=net.cpu(), fit=result, out_dir=out_dir, model_path=model_path,
+                       model_name=model, dataset=dataset)
 
 
 def _seed_everything(seed: int) -> None:
