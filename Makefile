@@ -8,7 +8,7 @@ ifneq ($(wildcard ../shared/data),)
 export DEEPSQUEEZE_DATA ?= $(abspath ../shared/data)
 endif
 
-.PHONY: demo test install dev lint bench fuzz clean
+.PHONY: demo test install dev lint bench fuzz fuzz-runtime clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,13 @@ bench: install
 FUZZ_RUNS ?= 20000
 fuzz: install
 	$(PY) benchmarks/fuzz_dsq.py -atheris_runs=$(FUZZ_RUNS)
+
+# Differential fuzzing of the runtime (every executor vs the dense decoding, right and wrong
+# inputs) with the C kernel under AddressSanitizer + UBSan; needs gcc's libasan/libubsan.
+# Results: benchmarks/results/fuzz_runtime.json, docs/reliability.md.
+FUZZ_RUNTIME_EXECUTIONS ?= 100000
+fuzz-runtime: install
+	$(PY) benchmarks/fuzz_runtime.py --executions $(FUZZ_RUNTIME_EXECUTIONS) --sanitize
 
 clean:
 	rm -rf runs .pytest_cache
