@@ -9,9 +9,14 @@ the machine: torch version, CPU model, torch threads and the kernel build. Set
 ``DEEPSQUEEZE_AUTOTUNE=0`` (or pass ``autotune=False``) to skip timing: a fixed preference order
 by batch size and density is used instead.
 
+The cache is only a hint: a file over :data:`MAX_CACHE_BYTES`, nested deeper than JSON of its
+shape needs, or not valid JSON is ignored, and each entry whose fields are not of the expected
+types (times: finite, non-negative numbers) is dropped, with one warning per read.
+
 The choice under a memory budget is a small knapsack, solved greedily: every layer starts on its
 most compact executor; then the upgrade with the most time saved per extra byte held is applied
-while the model's weights stay within the budget (by default 2x the file's bytes).
+while the model's weights stay within the budget (by default 2x the file's bytes). A time that
+is not a finite, non-negative number counts as unmeasured (never faster than a measured one).
 """
 
 from __future__ import annotations
@@ -19,16 +24,20 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import platform
+import re
 import statistics
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -37,6 +46,13 @@ ENV_AUTOTUNE = "DEEPSQUEEZE_AUTOTUNE"
 ENV_CACHE = "DEEPSQUEEZE_AUTOTUNE_CACHE"
 """Path of the autotuner's cache file (default ``<user cache>/autotune.json``)."""
 CACHE_VERSION = 1
+MAX_CACHE_BYTES = 16 << 20
+"""A larger cache file is ignored (and replaced by the next save)."""
+MAX_CACHE_ENTRIES = 4096
+"""Entries kept in the cache file; the oldest are dropped beyond this."""
+_MAX_CACHE_DEPTH = 6  # {"entries": {key: {"time_us": {...}}}} is 4 levels; "layers" lists 5
+_MAX_TIMES = 64  # executors timed in one entry
+_MAX_NAME = 256
 
 
 def cpu_model() -> str:
@@ -122,17 +138,77 @@ def fused_key(layer_keys: list[str | None], relus: list[bool], flatten: bool) ->
     return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:32]
 
 
+def _time(value: Any) -> bool:
+    return (type(value) in (int, float) and math.isfinite(value) and value >= 0)
+
+
+def valid_entry(key: Any, entry: Any) -> bool:
+    """Whether a cache entry has the shape :func:`save_cache` writes: a ``time_us`` object of
+    executor name → finite non-negative time, and optional ``layer`` (str), ``batch`` (int)
+    and ``layers`` (list of str)."""
+    if not isinstance(key, str) or not 0 < len(key) <= _MAX_NAME or not isinstance(entry, dict):
+        return False
+    times = entry.get("time_us")
+    if not isinstance(times, dict) or not 0 < len(times) <= _MAX_TIMES or not all(
+            isinstance(k, str) and len(k) <= _MAX_NAME and _time(v) for k, v in times.items()):
+        return False
+    if "layer" in entry and not (isinstance(entry["layer"], str)
+                                 and len(entry["layer"]) <= _MAX_NAME):
+        return False
+    if "batch" in entry and not (type(entry["batch"]) is int and entry["batch"] >= 1):
+        return False
+    layers = entry.get("layers", [])
+    return isinstance(layers, list) and len(layers) <= _MAX_TIMES and all(
+        isinstance(n, str) and len(n) <= _MAX_NAME for n in layers)
+
+
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+
+
+def json_depth(text: bytes) -> int:
+    """Deepest array/object nesting of JSON ``text`` (strings skipped), without parsing it
+    (``json.loads`` recurses once per level)."""
+    a = np.frombuffer(_JSON_STRING.sub(b"", text), dtype=np.uint8)
+    if a.size == 0:
+        return 0
+    step = np.isin(a, (ord("["), ord("{"))).astype(np.int32)
+    step -= np.isin(a, (ord("]"), ord("}"))).astype(np.int32)
+    return int(np.cumsum(step).max())
+
+
+def _warn(path: Path, why: str) -> None:
+    warnings.warn(f"autotune cache {path}: {why}", RuntimeWarning, stacklevel=3)
+
+
 def load_cache(path: Path | None = None) -> dict[str, Any]:
-    """The cache's entries (empty when missing, unreadable or of another version)."""
+    """The cache's valid entries (empty when missing, unreadable, too large, too deeply nested
+    or of another version; entries of the wrong shape are dropped with one warning)."""
     path = path or cache_path()
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
+        with open(path, "rb") as fh:
+            raw = fh.read(MAX_CACHE_BYTES + 1)
+    except OSError:
+        return {}
+    if len(raw) > MAX_CACHE_BYTES:
+        _warn(path, f"over {MAX_CACHE_BYTES} bytes, ignored")
+        return {}
+    try:
+        if json_depth(raw) > _MAX_CACHE_DEPTH:
+            raise ValueError(f"nested deeper than {_MAX_CACHE_DEPTH} levels")
+        data = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:
+        _warn(path, f"not a valid cache ({str(exc)[:200]}), ignored")
         return {}
     if not isinstance(data, dict) or data.get("version") != CACHE_VERSION:
         return {}
     entries = data.get("entries")
-    return entries if isinstance(entries, dict) else {}
+    if not isinstance(entries, dict):
+        _warn(path, "no 'entries' object, ignored")
+        return {}
+    good = {k: v for k, v in entries.items() if valid_entry(k, v)}
+    if len(good) < len(entries):
+        _warn(path, f"{len(entries) - len(good)} malformed entries dropped")
+    return good
 
 
 def save_cache(updates: dict[str, Any], path: Path | None = None) -> None:
@@ -140,8 +216,14 @@ def save_cache(updates: dict[str, Any], path: Path | None = None) -> None:
     if not updates:
         return
     path = path or cache_path()
-    entries = load_cache(path)
-    entries.update(updates)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # load_cache warned already when the cache was read
+        entries = load_cache(path)
+    for key, value in updates.items():
+        if valid_entry(key, value):
+            entries.pop(key, None)
+            entries[key] = value  # newest last
+    entries = dict(list(entries.items())[-MAX_CACHE_ENTRIES:])
     with contextlib.suppress(OSError):
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".autotune-", suffix=".json")
@@ -209,24 +291,35 @@ def choose(choices: list[LayerChoice], budget_bytes: int | None, fixed_bytes: in
 
     ``fixed_bytes`` is what the rest of the model holds. Returns the chosen total bytes. When
     even the most compact executors exceed the budget they are kept (the budget is reported as
-    missed by the caller).
+    missed by the caller). A missing, NaN, infinite or negative time counts as unmeasured
+    (+inf): every upgrade strictly lowers one layer's time, so this ends after at most as many
+    steps as there are candidates.
     """
+
+    def seconds(c: LayerChoice, name: str) -> float:
+        t = c.time_us.get(name)
+        return float(t) if _time(t) else math.inf
+
     for c in choices:
-        c.impl = min(c.held_bytes, key=lambda n: (c.held_bytes[n], c.time_us[n]))
+        c.impl = min(c.held_bytes, key=lambda n: (c.held_bytes[n], seconds(c, n)))
     total = fixed_bytes + sum(c.held_bytes[c.impl] for c in choices)
-    while True:
+    for _ in range(sum(len(c.held_bytes) for c in choices) + 1):
         best: tuple[float, float, LayerChoice, str] | None = None
         for c in choices:
-            cur_t, cur_b = c.time_us[c.impl], c.held_bytes[c.impl]
-            for name, t in c.time_us.items():
+            cur_t, cur_b = seconds(c, c.impl), c.held_bytes[c.impl]
+            for name in c.held_bytes:
+                t = seconds(c, name)
+                if not t < cur_t:  # no gain (an unmeasured time gains nothing)
+                    continue
                 gain, extra = cur_t - t, c.held_bytes[name] - cur_b
-                if gain <= 0 or (budget_bytes is not None and total + extra > budget_bytes):
+                if budget_bytes is not None and total + extra > budget_bytes:
                     continue
                 score = float("inf") if extra <= 0 else gain / extra
                 if best is None or (score, gain) > best[:2]:
                     best = (score, gain, c, name)
         if best is None:
-            return total
+            break
         _, _, c, name = best
         total += c.held_bytes[name] - c.held_bytes[c.impl]
         c.impl = name
+    return total

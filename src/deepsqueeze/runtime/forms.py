@@ -30,7 +30,14 @@ from deepsqueeze.codec.tensor import (
     sparse_positions,
 )
 from deepsqueeze.errors import DsqFormatError
-from deepsqueeze.runtime.kernel import MODE_BITS, MODE_CB4, MODE_CB8, MODE_CB16, MODE_F32
+from deepsqueeze.runtime.kernel import (
+    MAX_CODEBOOK,
+    MODE_BITS,
+    MODE_CB4,
+    MODE_CB8,
+    MODE_CB16,
+    MODE_F32,
+)
 
 FILL = 255
 """Gap byte of a filler entry: advance the column cursor by 255, no weight."""
@@ -92,12 +99,14 @@ class CompressedMatrix:
         return self.codebook.numpy()[sym.astype(np.int64)]
 
     def coords(self) -> tuple[np.ndarray, np.ndarray]:
-        """Row and column (int64) of each stored weight."""
+        """Row and column (int64) of each stored weight (empty arrays for an all-zero layer)."""
         counts = np.diff(self.symptr.numpy()).astype(np.int64)
         row = np.repeat(np.arange(self.rows, dtype=np.int64), counts)
         if self.gaps is None:
             starts = np.repeat(self.symptr.numpy()[:-1].astype(np.int64), counts)
             return row, np.arange(self.nnz, dtype=np.int64) - starts
+        if self.gaps.numel() == 0:
+            return row, np.zeros(0, np.int64)
         g = self.gaps.numpy().astype(np.int64)
         step = np.where(g == FILL, FILL, g + 1)
         csum = np.cumsum(step)
@@ -116,7 +125,10 @@ class CompressedMatrix:
 
 
 def _pack_symbols(symbols: np.ndarray, k: int) -> tuple[int, torch.Tensor]:
-    """Symbols in the narrowest width that holds ``k`` codebook entries."""
+    """Symbols in the narrowest width that holds ``k`` codebook entries (at most
+    :data:`MAX_CODEBOOK`; symbols already checked to be below ``k``)."""
+    if not 0 <= k <= MAX_CODEBOOK:
+        raise ValueError(f"a packed codebook holds at most {MAX_CODEBOOK} entries, not {k}")
     s = np.ascontiguousarray(symbols).astype(np.int64)
     bits = max(1, math.ceil(math.log2(max(k, 2))))
     if bits == 4:
@@ -148,10 +160,27 @@ def from_coords(
     """Build the compact form from kept entries sorted by (row, col).
 
     Give ``symbols`` + ``codebook`` (shared weights) or ``values`` (fp32). With ``dense_rows``
-    every element is an entry (row-major order) and no gaps are stored.
+    every element is an entry (row-major order) and no gaps are stored. A codebook of more than
+    :data:`MAX_CODEBOOK` entries (more than 16-bit symbols) is decoded to fp32 values, the
+    same weights the dense decoder gives. Entries outside the matrix, out of order, or symbols
+    outside the codebook raise :class:`DsqFormatError`: the kernel never indexes past a buffer.
     """
-    row = np.asarray(row, np.int64)
-    col = np.asarray(col, np.int64)
+    row = np.asarray(row, np.int64).reshape(-1)
+    col = np.asarray(col, np.int64).reshape(-1)
+    _check_entries(rows, cols, row, col, dense_rows)
+    if symbols is not None:
+        if codebook is None:
+            raise ValueError("symbols need a codebook")
+        sym = np.asarray(symbols, np.int64).reshape(-1)
+        cb = np.asarray(codebook, np.float32).reshape(-1)
+        if sym.size != row.size:
+            raise DsqFormatError(f"{sym.size} codebook symbols for {row.size} entries")
+        if sym.size and (int(sym.min()) < 0 or int(sym.max()) >= cb.size):
+            raise DsqFormatError(f"codebook symbol out of range (codebook of {cb.size} entries)")
+        if cb.size > MAX_CODEBOOK:  # wider than the kernel's 16-bit symbols: run fp32 values
+            symbols, codebook, values = None, None, cb[sym]
+    elif values is not None and np.asarray(values).size != row.size:
+        raise DsqFormatError(f"{np.asarray(values).size} values for {row.size} entries")
     counts = np.bincount(row, minlength=rows).astype(np.int64) if row.size else np.zeros(
         rows, np.int64)
     symptr = np.zeros(rows + 1, np.int64)
@@ -178,9 +207,7 @@ def from_coords(
         raise DsqFormatError("layer too large for the runtime's 32-bit row pointers")
     cb_t = None
     if symbols is not None:
-        if codebook is None:
-            raise ValueError("symbols need a codebook")
-        cb = np.asarray(codebook, np.float32)
+        cb = np.asarray(codebook, np.float32).reshape(-1)
         mode, vals = _pack_symbols(np.asarray(symbols, np.int64), cb.size)
         cb_t = torch.from_numpy(cb.copy())
     else:
@@ -202,7 +229,26 @@ def from_coords(
     )
 
 
-def from_dense(weight: torch.Tensor, *, max_codebook: int = 1 << 16) -> CompressedMatrix:
+def _check_entries(rows: int, cols: int, row: np.ndarray, col: np.ndarray,
+                   dense_rows: bool) -> None:
+    """Kept entries inside a ``rows`` x ``cols`` matrix, strictly increasing in (row, col)."""
+    if rows < 1 or cols < 1:
+        raise DsqFormatError(f"a {rows} x {cols} weight matrix has no elements to run")
+    if row.size != col.size:
+        raise DsqFormatError(f"{row.size} rows for {col.size} columns of kept entries")
+    if dense_rows and row.size != rows * cols:
+        raise DsqFormatError(f"dense rows need {rows * cols} entries, got {row.size}")
+    if row.size == 0:
+        return
+    if (int(row.min()) < 0 or int(row.max()) >= rows or int(col.min()) < 0
+            or int(col.max()) >= cols):
+        raise DsqFormatError(f"kept entry outside the {rows} x {cols} matrix")
+    flat = row * cols + col
+    if flat.size > 1 and not bool(np.all(flat[1:] > flat[:-1])):
+        raise DsqFormatError("kept entries are not in increasing (row, column) order")
+
+
+def from_dense(weight: torch.Tensor, *, max_codebook: int = MAX_CODEBOOK) -> CompressedMatrix:
     """Compact form of a dense weight (2-D, or a conv weight flattened per output channel)."""
     w = weight.detach().cpu().float().reshape(weight.shape[0], -1).numpy()
     rows, cols = w.shape

@@ -13,6 +13,8 @@ measures faster than the modules it replaces (see :func:`fuse_model`).
 from __future__ import annotations
 
 import ctypes
+import itertools
+import math
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,8 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from deepsqueeze.runtime.kernel import DsqLayer, get_kernel
-from deepsqueeze.runtime.layers import KernelConv2d, KernelLinear, RuntimeLayer
+from deepsqueeze.errors import RuntimeInputError
+from deepsqueeze.runtime.kernel import DsqLayer, check_rc, get_kernel
+from deepsqueeze.runtime.layers import KernelConv2d, KernelLinear, RuntimeLayer, as_input
+
+_TENSOR, _F32, _STRIDED = torch.Tensor, torch.float32, torch.strided
 
 _RELU_FUNCS = {F.relu, torch.relu, torch.nn.functional.relu}
 
@@ -39,6 +44,8 @@ class FusedChain(RuntimeLayer):
     """Several :class:`KernelLinear` layers (ReLUs fused) in one C call.
 
     ``flatten``: the chain's input is flattened from dim 1 first (the flatten was folded in).
+    The input is checked like a :class:`KernelLinear`'s (``[N, ...]`` flattening to the first
+    layer's ``in_features`` with ``flatten``, else ``[..., in_features]``).
     """
 
     impl = "fused"
@@ -47,7 +54,10 @@ class FusedChain(RuntimeLayer):
         super().__init__()
         kernel = get_kernel()
         if kernel is None:
-            raise RuntimeError("the C kernel is not available")
+            raise RuntimeInputError("the C kernel is not available")
+        if not layers or len(relus) != len(layers) or any(
+                b.cols != a.rows for a, b in itertools.pairwise(layers)):
+            raise RuntimeInputError("a fused chain needs layers whose sizes follow each other")
         self.layers = nn.ModuleList(layers)
         self.relus = list(relus)
         self.flatten = flatten
@@ -56,6 +66,9 @@ class FusedChain(RuntimeLayer):
         self._refresh()
 
     def _refresh(self) -> None:
+        self._structs = (DsqLayer * len(self.layers))()  # unvalidated: refused until rebuilt
+        self._addr = ctypes.addressof(self._structs)
+        self._n = len(self.layers)
         structs = (DsqLayer * len(self.layers))()
         for i, (layer, relu) in enumerate(zip(self.layers, self.relus, strict=True)):
             layer._refresh()
@@ -64,26 +77,41 @@ class FusedChain(RuntimeLayer):
             structs[i].relu = int(relu)
         self._structs = structs
         self._addr = ctypes.addressof(structs)
-        self._n = len(self.layers)
+        self._pinned = [layer._pinned for layer in self.layers]  # what the structs point into
 
     def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        self._structs = (DsqLayer * len(self.layers))()  # refused by the kernel until rebuilt
+        self._addr = ctypes.addressof(self._structs)
         out = super()._apply(fn, recurse)
         self._refresh()
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != torch.float32 or not x.is_contiguous():
-            x = x.float().contiguous()
+        if (type(x) is not _TENSOR or x.dtype is not _F32 or x.layout is not _STRIDED
+                or not x.is_cpu or not x.is_contiguous()):
+            x = as_input(x, self.who())
+        shape = x.shape
+        m = x.numel()
         if self.flatten:
-            n = x.shape[0]
-            if x.numel() != n * self.cols:
-                raise RuntimeError(f"input {tuple(x.shape)} does not flatten to {self.cols}")
+            if len(shape) < 2 or (m != shape[0] * self.cols if shape[0]
+                                  else math.prod(shape[1:]) != self.cols):
+                raise RuntimeInputError(
+                    f"{self.who()}: expected an input of shape [N, ...] flattening to "
+                    f"[N, {self.cols}], got {list(shape)}")
+            n = shape[0]
             y = torch.empty(n, self.rows)
         else:
-            n = x.numel() // self.cols
-            y = torch.empty(*x.shape[:-1], self.rows)
-        if self._chain(self._n, self._addr, x.data_ptr(), y.data_ptr(), n):
-            raise MemoryError("kernel scratch allocation failed")
+            if not shape or shape[-1] != self.cols:
+                raise RuntimeInputError(
+                    f"{self.who()}: expected an input of shape [..., {self.cols}], got "
+                    f"{list(shape)}")
+            n = m // self.cols
+            y = torch.empty(*shape[:-1], self.rows)
+        if n:
+            rc = self._chain(self._n, self._addr, x.data_ptr(), m, y.data_ptr(),
+                             n * self.rows, n)
+            if rc:
+                check_rc(rc, self.who())
         return y
 
     def extra_repr(self) -> str:

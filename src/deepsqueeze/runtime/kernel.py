@@ -8,10 +8,23 @@ gaps and 1- or 2-byte codebook symbols (or raw fp32 values for unshared layers) 
 call with no allocation: at batch 1 it beats ``torch.sparse.mm`` (int32 CSR) and scipy CSR on the
 layers of the Deep-Compressed LeNets (see docs/runtime.md for the measured table).
 
-The C source below is compiled once per machine with the system C compiler into the user cache
-(``$XDG_CACHE_HOME/deepsqueeze/kernels``) and loaded with ctypes. Without a compiler (or with
-``DEEPSQUEEZE_KERNEL=0``) :func:`get_kernel` returns None and the runtime uses its torch/scipy
-candidates only.
+The C source (``runtime/csrc/dsqkernel.c``, package data) is compiled once per machine with the
+system C compiler into the user cache (``$XDG_CACHE_HOME/deepsqueeze/kernels``) and loaded with
+ctypes. Without a compiler (or with ``DEEPSQUEEZE_KERNEL=0``) :func:`get_kernel` returns None
+and the runtime uses its torch/scipy candidates only.
+
+The cache is not trusted blindly (a library's constructor runs as soon as it is loaded): the
+folder must be ours and not group/world-writable (it is created 0700), the library and its
+SHA-256 sidecar (written at build time, 0600) must be regular files we own, and the library's
+bytes must match the digest. The verified *bytes* are what gets loaded (from an anonymous
+memory file, else a fresh private temp file), so nothing can swap the file between check and
+load. Anything else is warned about once and rebuilt; an unusable folder means a private build
+that is not cached. After loading, the entry points, ABI version and struct size are checked
+and a small self-test runs.
+
+``DEEPSQUEEZE_KERNEL_SANITIZE=1`` builds the kernel with AddressSanitizer + UBSan instead
+(separate cache file); the sanitizer runtimes must be preloaded into the process: run it with
+the environment :func:`sanitizer_env` returns.
 
 Layout of one compressed ``rows`` x ``cols`` matrix (:class:`~deepsqueeze.runtime.forms.
 CompressedMatrix`): row ``r`` owns gap bytes ``rowptr[r]..rowptr[r+1]`` and weights
@@ -25,323 +38,68 @@ little-endian bit stream, 4 bits as nibbles, 8 or 16 bits whole), or a raw fp32 
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import ctypes
 import hashlib
 import os
+import secrets
 import shutil
+import stat
 import subprocess
 import tempfile
 import threading
+import warnings
+from importlib import resources
 from pathlib import Path
 
 import torch
 
+from deepsqueeze.errors import DeepSqueezeError, RuntimeInputError
+
 ENV_KERNEL = "DEEPSQUEEZE_KERNEL"
 """Set to ``0`` to never build or use the C kernel (the torch/scipy candidates remain)."""
+ENV_SANITIZE = "DEEPSQUEEZE_KERNEL_SANITIZE"
+"""Set to ``1`` to build and load the kernel with ``-fsanitize=address,undefined`` (tests and
+fuzzing; the process needs the sanitizer runtimes preloaded, see :func:`sanitizer_env`)."""
 
 MODE_CB4, MODE_CB8, MODE_CB16, MODE_F32 = 0, 1, 2, 3
 MODE_BITS = 8
 """Modes ``MODE_BITS + b`` (b in 1..7 except 4): codebook symbols packed at b bits."""
+MAX_CODEBOOK = 1 << 16
+"""Most codebook entries the kernel's symbol modes hold (16-bit symbols); larger codebooks run
+as fp32 values (:func:`deepsqueeze.runtime.forms.from_coords`)."""
 
-C_SOURCE = r"""
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
+ABI_VERSION = 2
+"""``DSQ_ABI`` of the C source this module's ctypes declarations match."""
 
-typedef struct {
-    int64_t rows, cols, mode, relu;
-    const int32_t *rowptr, *symptr;
-    const uint8_t *gaps;
-    const void *vals;
-    const float *cb, *bias;
-} dsq_layer;
-
-#define FILL 255
-#define BLOCK 64 /* batch columns per tile: a tile of X rows stays in L1/L2 */
-#define CHUNK 32 /* columns accumulated in registers (4 AVX2 / 2 AVX-512 vectors) */
-
-/* One routine per weight encoding, so the inner loops carry no mode test. WEIGHT(j) is the
-   weight of real entry j. Y[r, b] = bias[r] + sum_k w_k X[pos_k, b] for r < rows, b < ncol,
-   with X[c, b] at x[c*xrs + b] and Y[r, b] at y[r*yrs + b]; then ReLU when asked. */
-#define DEFINE_ROWS(NAME, WEIGHT)                                                              \
-static void NAME(const dsq_layer *L, const float *restrict x, int64_t xrs, int64_t ncol,      \
-                 float *restrict y, int64_t yrs) {                                            \
-    const uint8_t *s8 = (const uint8_t *)L->vals;                                            \
-    const uint16_t *s16 = (const uint16_t *)L->vals;                                         \
-    const float *vf = (const float *)L->vals;                                                \
-    const float *cb = L->cb;                                                                 \
-    const uint8_t *gaps = L->gaps;                                                           \
-    const int64_t nb = L->mode > 8 ? L->mode - 8 : 0;                                        \
-    const uint32_t bmask = (1u << nb) - 1u;                                                  \
-    (void)s8; (void)s16; (void)vf; (void)cb; (void)nb; (void)bmask;                          \
-    for (int64_t r = 0; r < L->rows; r++) {                                                  \
-        const int64_t k0 = L->rowptr[r], k1 = L->rowptr[r + 1];                              \
-        int64_t j = L->symptr[r];                                                            \
-        const int fillers = gaps && (k1 - k0) != (L->symptr[r + 1] - j);                     \
-        const float b0 = L->bias ? L->bias[r] : 0.0f;                                        \
-        float *restrict yr = y + r * yrs;                                                    \
-        int64_t p = -1;                                                                      \
-        if (ncol == 1) {                                                                     \
-            float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;                                \
-            int64_t k = k0;                                                                  \
-            if (!gaps) {                                                                     \
-                for (; k + 4 <= k1; k += 4, j += 4) {                                        \
-                    const int64_t c = k - k0;                                                \
-                    a0 += WEIGHT(j) * x[c * xrs];                                            \
-                    a1 += WEIGHT(j + 1) * x[(c + 1) * xrs];                                  \
-                    a2 += WEIGHT(j + 2) * x[(c + 2) * xrs];                                  \
-                    a3 += WEIGHT(j + 3) * x[(c + 3) * xrs];                                  \
-                }                                                                            \
-                for (; k < k1; k++, j++) a0 += WEIGHT(j) * x[(k - k0) * xrs];                \
-            } else if (!fillers) {                                                           \
-                for (; k + 4 <= k1; k += 4, j += 4) {                                        \
-                    const int64_t p0 = p + gaps[k] + 1, p1 = p0 + gaps[k + 1] + 1;           \
-                    const int64_t p2 = p1 + gaps[k + 2] + 1, p3 = p2 + gaps[k + 3] + 1;      \
-                    a0 += WEIGHT(j) * x[p0 * xrs];                                           \
-                    a1 += WEIGHT(j + 1) * x[p1 * xrs];                                       \
-                    a2 += WEIGHT(j + 2) * x[p2 * xrs];                                       \
-                    a3 += WEIGHT(j + 3) * x[p3 * xrs];                                       \
-                    p = p3;                                                                  \
-                }                                                                            \
-                for (; k < k1; k++, j++) { p += gaps[k] + 1; a0 += WEIGHT(j) * x[p * xrs]; } \
-            } else {                                                                         \
-                for (; k < k1; k++) {                                                        \
-                    if (gaps[k] == FILL) { p += FILL; continue; }                            \
-                    p += gaps[k] + 1;                                                        \
-                    a0 += WEIGHT(j) * x[p * xrs];                                            \
-                    j++;                                                                     \
-                }                                                                            \
-            }                                                                                \
-            float v = b0 + ((a0 + a1) + (a2 + a3));                                          \
-            yr[0] = (L->relu && v < 0.0f) ? 0.0f : v;                                        \
-        } else {                                                                             \
-            /* CHUNK columns at a time, accumulated in registers over the row's entries */  \
-            const int64_t j0 = j;                                                            \
-            for (int64_t c0 = 0; c0 < ncol; c0 += CHUNK) {                                   \
-                const int64_t nc = ncol - c0 < CHUNK ? ncol - c0 : CHUNK;                    \
-                float acc[CHUNK];                                                            \
-                for (int64_t b = 0; b < CHUNK; b++) acc[b] = b0;                             \
-                p = -1;                                                                      \
-                j = j0;                                                                      \
-                const float *xc = x + c0;                                                    \
-                for (int64_t k = k0; k < k1; k++) {                                          \
-                    if (!gaps) p = k - k0;                                                   \
-                    else if (gaps[k] == FILL) { p += FILL; continue; }                       \
-                    else p += gaps[k] + 1;                                                   \
-                    const float w = WEIGHT(j);                                               \
-                    j++;                                                                     \
-                    const float *restrict xr = xc + p * xrs;                                 \
-                    if (nc == CHUNK)                                                         \
-                        for (int64_t b = 0; b < CHUNK; b++) acc[b] += w * xr[b];             \
-                    else                                                                     \
-                        for (int64_t b = 0; b < nc; b++) acc[b] += w * xr[b];                \
-                }                                                                            \
-                for (int64_t b = 0; b < nc; b++)                                             \
-                    yr[c0 + b] = (L->relu && acc[b] < 0.0f) ? 0.0f : acc[b];                 \
-            }                                                                                \
-        }                                                                                    \
-    }                                                                                        \
+DSQ_OK, DSQ_EINVAL, DSQ_ENOMEM, DSQ_EUNCHECKED, DSQ_ESIZE, DSQ_EGEOMETRY, DSQ_EFORM = range(7)
+_RC_TEXT = {
+    DSQ_EINVAL: "a NULL pointer, negative count or unknown mode",
+    DSQ_ENOMEM: "scratch memory could not be allocated",
+    DSQ_EUNCHECKED: "a layer the kernel has not validated",
+    DSQ_ESIZE: "buffer sizes that do not match the batch and the layer shapes",
+    DSQ_EGEOMETRY: "a convolution geometry that is not positive or not consistent",
+    DSQ_EFORM: "a malformed compact form",
 }
 
-#define W_CB4(j) cb[(s8[(j) >> 1] >> (((j) & 1) << 2)) & 15]
-#define W_CB8(j) cb[s8[j]]
-#define W_CB16(j) cb[s16[j]]
-#define W_F32(j) vf[j]
-/* nb-bit symbols (nb < 8), little-endian bit stream; the array has one byte of padding */
-#define W_BITS(j)                                                                            \
-    cb[(((uint32_t)s8[((j) * nb) >> 3] | ((uint32_t)s8[(((j) * nb) >> 3) + 1] << 8)) >>       \
-        (((j) * nb) & 7)) & bmask]
-DEFINE_ROWS(rows_cb4, W_CB4)
-DEFINE_ROWS(rows_cb8, W_CB8)
-DEFINE_ROWS(rows_cb16, W_CB16)
-DEFINE_ROWS(rows_f32, W_F32)
-DEFINE_ROWS(rows_bits, W_BITS)
+_SOURCE = ("csrc", "dsqkernel.c")
+_SYMBOLS = ("dsq_abi_version", "dsq_layer_size", "dsq_validate", "dsq_chain", "dsq_conv_direct",
+            "dsq_densify")
+_MAX_LIBRARY_BYTES = 64 << 20
 
-static void layer_rows(const dsq_layer *L, const float *x, int64_t xrs, int64_t ncol, float *y,
-                       int64_t yrs) {
-    switch (L->mode) {
-    case 0: rows_cb4(L, x, xrs, ncol, y, yrs); break;
-    case 1: rows_cb8(L, x, xrs, ncol, y, yrs); break;
-    case 2: rows_cb16(L, x, xrs, ncol, y, yrs); break;
-    case 3: rows_f32(L, x, xrs, ncol, y, yrs); break;
-    default: rows_bits(L, x, xrs, ncol, y, yrs); break;
-    }
-}
 
-/* Y_T = W X_T for X_T [cols, n] with row stride ld (and Y_T likewise), in column tiles. */
-static void layer_cols(const dsq_layer *L, const float *xt, int64_t n, int64_t ld, float *yt) {
-    for (int64_t b0 = 0; b0 < n; b0 += BLOCK) {
-        const int64_t nb = n - b0 < BLOCK ? n - b0 : BLOCK;
-        layer_rows(L, xt + b0, ld, nb, yt + b0, ld);
-    }
-}
+class KernelUnavailable(DeepSqueezeError):
+    """The C kernel cannot be built or loaded (the runtime then runs without it)."""
 
-/* a [r, c] (row stride lda) -> out [c, r] (row stride ldo), in 32 x 32 blocks. */
-static void transpose(const float *a, int64_t r, int64_t c, int64_t lda, float *out,
-                      int64_t ldo) {
-    for (int64_t i0 = 0; i0 < r; i0 += 32)
-        for (int64_t j0 = 0; j0 < c; j0 += 32)
-            for (int64_t i = i0; i < r && i < i0 + 32; i++)
-                for (int64_t j = j0; j < c && j < j0 + 32; j++) out[j * ldo + i] = a[i * lda + j];
-}
 
-/* Per-thread scratch for activations, grown on demand and kept: a fresh malloc per call can
-   cost a page fault per 4 KiB for large batches. */
-static __thread float *scratch_buf = NULL;
-static __thread int64_t scratch_cap = 0;
-
-static float *scratch(int64_t floats) {
-    if (floats > scratch_cap) {
-        float *p = realloc(scratch_buf, sizeof(float) * floats);
-        if (!p) return NULL;
-        scratch_buf = p;
-        scratch_cap = floats;
-    }
-    return scratch_buf;
-}
-
-/* y [n, rows_last] = layers applied in turn to x [n, cols_0] (row-major, contiguous).
-   Returns 0, or -1 when scratch memory cannot be allocated. */
-int dsq_chain(int64_t nl, const dsq_layer *L, const float *x, float *y, int64_t n) {
-    if (n == 1) {
-        int64_t widest = 1;
-        for (int64_t i = 0; i + 1 < nl; i++) widest = L[i].rows > widest ? L[i].rows : widest;
-        float *buf = scratch(widest * 2);
-        if (!buf) return -1;
-        const float *a = x;
-        for (int64_t i = 0; i < nl; i++) {
-            float *out = i + 1 == nl ? y : buf + (i % 2) * widest;
-            layer_rows(&L[i], a, 1, 1, out, 1);
-            a = out;
-        }
-        return 0;
-    }
-    int64_t widest = L[0].cols;
-    for (int64_t i = 0; i < nl; i++) widest = L[i].rows > widest ? L[i].rows : widest;
-    /* row stride of the [features, n] activations: padded off multiples of 256 bytes, whose
-       rows would all fall into the same few cache sets */
-    int64_t ld = (n + 7) / 8 * 8;
-    if (ld % 64 == 0) ld += 8;
-    float *buf = scratch(widest * ld * 2 + 16);
-    if (!buf) return -1;
-    float *a = buf, *b = buf + widest * ld + 16;
-    transpose(x, n, L[0].cols, L[0].cols, a, ld);
-    for (int64_t i = 0; i < nl; i++) {
-        layer_cols(&L[i], a, n, ld, b);
-        float *t = a; a = b; b = t;
-    }
-    transpose(a, L[nl - 1].rows, n, ld, y, L[nl - 1].rows);
-    return 0;
-}
-
-/* Direct convolution from the compact form, no im2col: each kept weight (o, c, kh, kw) adds
-   w * (a shifted window of input plane c) into output plane o. g = {C, H, W, KH, KW, sh, sw,
-   ph, pw, dh, dw, OH, OW}; x [n, C, H, W], y [n, rows, OH, OW], contiguous; groups = 1. */
-#define DEFINE_CONV(NAME, WEIGHT)                                                              \
-static void NAME(const dsq_layer *L, const int64_t *g, const float *x, float *y, int64_t n) {  \
-    const uint8_t *s8 = (const uint8_t *)L->vals;                                            \
-    const uint16_t *s16 = (const uint16_t *)L->vals;                                         \
-    const float *vf = (const float *)L->vals;                                                \
-    const float *cb = L->cb;                                                                 \
-    const int64_t nb = L->mode > 8 ? L->mode - 8 : 0;                                        \
-    const uint32_t bmask = (1u << nb) - 1u;                                                  \
-    (void)s8; (void)s16; (void)vf; (void)cb; (void)nb; (void)bmask;                          \
-    const int64_t C = g[0], H = g[1], W = g[2], KH = g[3], KW = g[4], sh = g[5], sw = g[6];  \
-    const int64_t ph = g[7], pw = g[8], dh = g[9], dw = g[10], OH = g[11], OW = g[12];       \
-    const int64_t plane = OH * OW;                                                           \
-    for (int64_t m = 0; m < n; m++) {                                                        \
-        const float *xm = x + m * C * H * W;                                                 \
-        for (int64_t o = 0; o < L->rows; o++) {                                              \
-            float *restrict yo = y + (m * L->rows + o) * plane;                              \
-            const float b0 = L->bias ? L->bias[o] : 0.0f;                                    \
-            for (int64_t i = 0; i < plane; i++) yo[i] = b0;                                  \
-            int64_t j = L->symptr[o], c = 0, kh = 0, kw = -1; /* tap cursor, no division */  \
-            for (int64_t k = L->rowptr[o]; k < L->rowptr[o + 1]; k++) {                      \
-                int64_t step = !L->gaps ? 1 : L->gaps[k] == FILL ? FILL : L->gaps[k] + 1;    \
-                kw += step;                                                                  \
-                while (kw >= KW) {                                                           \
-                    kw -= KW;                                                                \
-                    if (++kh == KH) { kh = 0; c++; }                                         \
-                }                                                                            \
-                if (L->gaps && L->gaps[k] == FILL) continue;                                 \
-                const float w = WEIGHT(j);                                                   \
-                j++;                                                                         \
-                if (w == 0.0f) continue; /* zeros of a dense-rows (codebook) layer */        \
-                const int64_t offy = kh * dh - ph, offx = kw * dw - pw;                      \
-                /* output rows/cols whose input index is inside the plane */                 \
-                int64_t y0, y1, x0, x1;                                                      \
-                if (sh == 1 && sw == 1) { /* the common case: no integer division */          \
-                    y0 = offy >= 0 ? 0 : -offy;                                              \
-                    y1 = H - offy;                                                           \
-                    x0 = offx >= 0 ? 0 : -offx;                                              \
-                    x1 = W - offx;                                                           \
-                } else {                                                                     \
-                    y0 = offy >= 0 ? 0 : (-offy + sh - 1) / sh;                              \
-                    y1 = (H - 1 - offy) >= 0 ? (H - 1 - offy) / sh + 1 : 0;                  \
-                    x0 = offx >= 0 ? 0 : (-offx + sw - 1) / sw;                              \
-                    x1 = (W - 1 - offx) >= 0 ? (W - 1 - offx) / sw + 1 : 0;                  \
-                }                                                                            \
-                if (y1 > OH) y1 = OH;                                                        \
-                if (x1 > OW) x1 = OW;                                                        \
-                const float *xc = xm + c * H * W;                                            \
-                for (int64_t oy = y0; oy < y1; oy++) {                                       \
-                    const float *restrict xr = xc + (oy * sh + offy) * W + offx;             \
-                    float *restrict yr = yo + oy * OW;                                       \
-                    if (sw == 1)                                                             \
-                        for (int64_t ox = x0; ox < x1; ox++) yr[ox] += w * xr[ox];           \
-                    else                                                                     \
-                        for (int64_t ox = x0; ox < x1; ox++) yr[ox] += w * xr[ox * sw];      \
-                }                                                                            \
-            }                                                                                \
-            if (L->relu)                                                                     \
-                for (int64_t i = 0; i < plane; i++) yo[i] = yo[i] < 0.0f ? 0.0f : yo[i];     \
-        }                                                                                    \
-    }                                                                                        \
-}
-DEFINE_CONV(conv_cb4, W_CB4)
-DEFINE_CONV(conv_cb8, W_CB8)
-DEFINE_CONV(conv_cb16, W_CB16)
-DEFINE_CONV(conv_f32, W_F32)
-DEFINE_CONV(conv_bits, W_BITS)
-
-int dsq_conv_direct(const dsq_layer *L, const int64_t *g, const float *x, float *y, int64_t n) {
-    switch (L->mode) {
-    case 0: conv_cb4(L, g, x, y, n); break;
-    case 1: conv_cb8(L, g, x, y, n); break;
-    case 2: conv_cb16(L, g, x, y, n); break;
-    case 3: conv_f32(L, g, x, y, n); break;
-    default: conv_bits(L, g, x, y, n); break;
-    }
-    return 0;
-}
-
-/* Write the dense rows x cols matrix into out (already zeroed). */
-int dsq_densify(const dsq_layer *L, float *out) {
-    const uint8_t *s8 = (const uint8_t *)L->vals;
-    const uint16_t *s16 = (const uint16_t *)L->vals;
-    const float *vf = (const float *)L->vals;
-    const float *cb = L->cb;
-    const int64_t nb = L->mode > 8 ? L->mode - 8 : 0;
-    const uint32_t bmask = (1u << nb) - 1u;
-    for (int64_t r = 0; r < L->rows; r++) {
-        int64_t p = -1, j = L->symptr[r];
-        for (int64_t k = L->rowptr[r]; k < L->rowptr[r + 1]; k++) {
-            if (!L->gaps) p = k - L->rowptr[r];
-            else if (L->gaps[k] == FILL) { p += FILL; continue; }
-            else p += L->gaps[k] + 1;
-            out[r * L->cols + p] = L->mode == 0 ? W_CB4(j) : L->mode == 1 ? W_CB8(j)
-                                 : L->mode == 2 ? W_CB16(j) : L->mode == 3 ? W_F32(j)
-                                 : W_BITS(j);
-            j++;
-        }
-    }
-    return 0;
-}
-"""
+class NoCompilerError(KernelUnavailable):
+    """No C compiler was found (the documented, silent fallback)."""
 
 
 class DsqLayer(ctypes.Structure):
-    """The C ``dsq_layer``: one compressed matrix, its bias and a fused-ReLU flag."""
+    """The C ``dsq_layer``: one compressed matrix, its bias, a fused-ReLU flag, the lengths of
+    its buffers (``ngaps`` and ``nvals`` in bytes, ``ncb`` entries) and the validation stamp."""
 
     _fields_ = [
         ("rows", ctypes.c_int64),
@@ -354,22 +112,37 @@ class DsqLayer(ctypes.Structure):
         ("vals", ctypes.c_void_p),
         ("cb", ctypes.c_void_p),
         ("bias", ctypes.c_void_p),
+        ("ngaps", ctypes.c_int64),
+        ("nvals", ctypes.c_int64),
+        ("ncb", ctypes.c_int64),
+        ("checked", ctypes.c_int64),
     ]
 
 
 _FLAG_SETS = (
-    ["-O3", "-march=native", "-fno-math-errno", "-fPIC", "-shared"],
-    ["-O3", "-fno-math-errno", "-fPIC", "-shared"],
+    ("-O3", "-march=native", "-fno-math-errno", "-fPIC", "-shared"),
+    ("-O3", "-fno-math-errno", "-fPIC", "-shared"),
+)
+_SANITIZE_FLAGS = (
+    ("-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined",
+     "-fno-sanitize-recover=all", "-fno-math-errno", "-fPIC", "-shared"),
 )
 
 _lock = threading.Lock()
 _kernel: Kernel | None = None
 _tried = False
+_warned: set[str] = set()
+_open_fds: list[int] = []  # memory files of loaded libraries: kept open, their names unique
 
 
 def kernel_enabled() -> bool:
     """False when ``DEEPSQUEEZE_KERNEL=0`` (or ``false``/``off``) is set."""
     return os.environ.get(ENV_KERNEL, "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def sanitize_enabled() -> bool:
+    """True when ``DEEPSQUEEZE_KERNEL_SANITIZE`` asks for the sanitizer build."""
+    return os.environ.get(ENV_SANITIZE, "").strip().lower() in ("1", "true", "on", "yes")
 
 
 def kernel_dir() -> Path:
@@ -379,54 +152,427 @@ def kernel_dir() -> Path:
     return user_cache_dir() / "kernels"
 
 
-class Kernel:
-    """The loaded shared library with typed entry points."""
+def kernel_source() -> bytes:
+    """The kernel's C source, read from the package (``runtime/csrc/dsqkernel.c``)."""
+    return resources.files("deepsqueeze.runtime").joinpath(*_SOURCE).read_bytes()
 
-    def __init__(self, lib: ctypes.CDLL, path: Path) -> None:
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def check_rc(rc: int, who: str) -> None:
+    """Turn a nonzero return code of a kernel entry point into an error naming ``who``."""
+    if rc == DSQ_OK:
+        return
+    if rc == DSQ_ENOMEM:
+        raise MemoryError(f"{who}: the C kernel could not allocate its scratch memory")
+    raise RuntimeInputError(
+        f"{who}: the C kernel refused the call ({_RC_TEXT.get(rc, 'unknown error')}, code {rc})"
+    )
+
+
+class Kernel:
+    """The loaded shared library with typed entry points (symbols, ABI and struct size checked).
+
+    ``path`` is the library file (the cache entry, or a private build); ``sanitized``: built
+    with AddressSanitizer + UBSan; ``sha256``: digest of the loaded bytes.
+    """
+
+    def __init__(self, lib: ctypes.CDLL, path: Path, *, sanitized: bool = False,
+                 sha256: str = "") -> None:
+        missing = [name for name in _SYMBOLS if not hasattr(lib, name)]
+        if missing:
+            raise KernelUnavailable(f"{path.name} lacks the entry points {missing}")
+        i64, vp, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+        lib.dsq_abi_version.argtypes, lib.dsq_abi_version.restype = [], i32
+        lib.dsq_layer_size.argtypes, lib.dsq_layer_size.restype = [], i64
+        abi, size = lib.dsq_abi_version(), lib.dsq_layer_size()
+        if abi != ABI_VERSION or size != ctypes.sizeof(DsqLayer):
+            raise KernelUnavailable(
+                f"{path.name} has ABI {abi} with a {size}-byte layer struct; expected ABI "
+                f"{ABI_VERSION}, {ctypes.sizeof(DsqLayer)} bytes"
+            )
+        lib.dsq_validate.argtypes = [vp]
+        lib.dsq_chain.argtypes = [i64, vp, vp, i64, vp, i64, i64]
+        lib.dsq_conv_direct.argtypes = [vp, vp, i64, vp, i64, vp, i64, i64]
+        lib.dsq_densify.argtypes = [vp, vp, i64]
+        for fn in (lib.dsq_validate, lib.dsq_chain, lib.dsq_conv_direct, lib.dsq_densify):
+            fn.restype = i32
         self.lib = lib
         self.path = path
-        i64, vp, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-        lib.dsq_chain.argtypes = [i64, vp, vp, vp, i64]
-        lib.dsq_densify.argtypes = [vp, vp]
-        lib.dsq_conv_direct.argtypes = [vp, vp, vp, vp, i64]
-        for fn in (lib.dsq_chain, lib.dsq_densify, lib.dsq_conv_direct):
-            fn.restype = i32
+        self.sanitized = sanitized
+        self.sha256 = sha256
+        self.validate = lib.dsq_validate
+        """``validate(struct_address)``: check a layer's compact form, stamp it usable."""
         self.chain = lib.dsq_chain
+        """``chain(n_layers, structs, x, x_floats, y, y_floats, n)``: layers in turn on x."""
         self.conv_direct = lib.dsq_conv_direct
+        """``conv_direct(struct, geometry[13], 13, x, x_floats, y, y_floats, n)``."""
         self.densify = lib.dsq_densify
+        """``densify(struct, out, out_floats)``: write the dense matrix into zeroed ``out``."""
 
 
-def _compile(target: Path) -> bool:
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+# ------------------------------------------------------------------------------ sanitizers
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which(
+        "clang")
+
+
+def sanitizer_runtime() -> list[str] | None:
+    """Paths of the compiler's ``libasan.so`` and ``libubsan.so``, or None when it has none."""
+    cc = _compiler()
     if not cc:
+        return None
+    libs = []
+    for name in ("libasan.so", "libubsan.so"):
+        try:
+            out = subprocess.run([cc, f"-print-file-name={name}"], capture_output=True,
+                                 text=True, timeout=60).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+        if not os.path.isabs(out) or not os.path.isfile(out):
+            return None
+        libs.append(out)
+    return libs
+
+
+def sanitizer_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for a subprocess that runs the runtime on the sanitizer build.
+
+    ``base`` (default ``os.environ``) plus: the ASan and UBSan runtimes in ``LD_PRELOAD`` (an
+    instrumented library can only be loaded into a process that starts with them),
+    ``ASAN_OPTIONS`` (no leak check: the interpreter's own allocations would all be reported;
+    abort on the first error), ``UBSAN_OPTIONS`` (stack traces, abort) and
+    ``DEEPSQUEEZE_KERNEL_SANITIZE=1``. Raises :class:`KernelUnavailable` without libasan.
+    """
+    libs = sanitizer_runtime()
+    if libs is None:
+        raise KernelUnavailable(
+            f"the C compiler ({_compiler() or 'none found'}) has no AddressSanitizer runtime "
+            "(libasan.so / libubsan.so); install gcc's libasan and libubsan"
+        )
+    env = dict(os.environ if base is None else base)
+    preload = [p for p in env.get("LD_PRELOAD", "").replace(":", " ").split() if p not in libs]
+    env["LD_PRELOAD"] = ":".join([*libs, *preload])
+    env["ASAN_OPTIONS"] = ":".join(filter(None, [
+        "detect_leaks=0:abort_on_error=1:halt_on_error=1:allocator_may_return_null=1",
+        env.get("ASAN_OPTIONS", "")]))
+    env["UBSAN_OPTIONS"] = ":".join(filter(None, [
+        "print_stacktrace=1:halt_on_error=1:abort_on_error=1", env.get("UBSAN_OPTIONS", "")]))
+    env[ENV_SANITIZE] = "1"
+    return env
+
+
+def _sanitizer_loaded() -> bool:
+    """Whether this process runs with the ASan runtime (loading an ASan library otherwise
+    kills the process from inside the library's initialiser)."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as fh:
+            return "libasan" in fh.read()
+    except OSError:
+        return "libasan" in os.environ.get("LD_PRELOAD", "")
+
+
+# --------------------------------------------------------------------------- private cache
+
+
+class _Untrusted(Exception):
+    """A cache entry that must not be loaded (the message says why)."""
+
+
+def _why_untrusted(st: os.stat_result, *, directory: bool) -> str | None:
+    if directory and not stat.S_ISDIR(st.st_mode):
+        return "is not a folder"
+    if not directory and not stat.S_ISREG(st.st_mode):
+        return "is not a regular file"
+    if hasattr(os, "getuid") and st.st_uid != os.getuid():
+        return f"is owned by uid {st.st_uid}, not by you (uid {os.getuid()})"
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"is group- or world-writable (mode {stat.S_IMODE(st.st_mode):o})"
+    return None
+
+
+def _dir_fd_supported() -> bool:
+    return os.open in os.supports_dir_fd and os.rename in os.supports_dir_fd
+
+
+def _open_private_dir(path: Path) -> int | None:
+    """A descriptor of the cache folder ``path`` (created 0700) if we own it and nobody else
+    can write it, else None (with a warning): the caller then builds privately."""
+    if not _dir_fd_supported():
+        return None
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        _warn_once(f"dir:{path}", f"kernel cache {path} is unusable ({exc.strerror or exc}); "
+                   "building the C kernel privately, not cached")
+        return None
+    st = os.fstat(fd)
+    reason = _why_untrusted(st, directory=True)
+    if reason:
+        os.close(fd)
+        _warn_once(f"dir:{path}", f"kernel cache {path} {reason}: not used; building the C "
+                   f"kernel privately, not cached (fix: chown to yourself, chmod 700 {path})")
+        return None
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        with contextlib.suppress(OSError):
+            os.fchmod(fd, 0o700)
+    return fd
+
+
+def _read_private(dfd: int, name: str, limit: int) -> bytes | None:
+    """Bytes of ``name`` in folder ``dfd`` (None if absent); _Untrusted unless it is a regular
+    file of ours that nobody else can write (a symlink is refused)."""
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(name, flags | getattr(os, "O_NONBLOCK", 0), dir_fd=dfd)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise _Untrusted(f"cannot be opened safely ({exc.strerror or exc})") from None
+    try:
+        st = os.fstat(fd)
+        reason = _why_untrusted(st, directory=False)
+        if reason:
+            raise _Untrusted(reason)
+        if st.st_size > limit:
+            raise _Untrusted(f"is {st.st_size} bytes, over the {limit}-byte limit")
+        chunks, left = [], limit + 1
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        data = b"".join(chunks)
+        if len(data) > limit:
+            raise _Untrusted(f"grew over the {limit}-byte limit while read")
+        return data
+    finally:
+        os.close(fd)
+
+
+def _digest_name(name: str) -> str:
+    return name + ".sha256"
+
+
+def _read_verified(dfd: int, name: str) -> bytes | None:
+    """The cached library's bytes if present and matching its recorded digest; None if absent;
+    _Untrusted otherwise."""
+    data = _read_private(dfd, name, _MAX_LIBRARY_BYTES)
+    if data is None:
+        return None
+    record = _read_private(dfd, _digest_name(name), 4096)
+    if record is None:
+        raise _Untrusted("has no recorded digest")
+    parts = record.decode("ascii", "replace").split()
+    if len(parts) != 2 or parts[0] != "sha256":
+        raise _Untrusted("has a malformed digest record")
+    if not secrets.compare_digest(hashlib.sha256(data).hexdigest(), parts[1]):
+        raise _Untrusted("does not match its recorded SHA-256 digest")
+    return data
+
+
+def _write_private(dfd: int, name: str, data: bytes) -> None:
+    """Atomically replace ``name`` in folder ``dfd`` by a 0600 file holding ``data``."""
+    tmp = f".{name}.{secrets.token_hex(8)}.tmp"
+    flags = (os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+             | getattr(os, "O_CLOEXEC", 0))
+    fd = os.open(tmp, flags, 0o600, dir_fd=dfd)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=dfd)
+        raise
+
+
+def _store(dfd: int, name: str, data: bytes, where: Path) -> bool:
+    """Cache a freshly built library and its digest (library first: a reader between the two
+    sees a mismatch and rebuilds). False (with a warning) when the folder refuses."""
+    try:
+        _write_private(dfd, name, data)
+        _write_private(dfd, _digest_name(name),
+                       f"sha256 {hashlib.sha256(data).hexdigest()}\n".encode())
+        return True
+    except OSError as exc:
+        _warn_once(f"store:{where}", f"could not cache the C kernel in {where} "
+                   f"({exc.strerror or exc}); it is rebuilt in every process")
         return False
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        src = Path(tmp) / "dsqkernel.c"
-        src.write_text(C_SOURCE)
-        out = Path(tmp) / target.name
-        for flags in _FLAG_SETS:
-            try:
-                proc = subprocess.run(
-                    [cc, *flags, "-o", str(out), str(src)], capture_output=True, timeout=120
-                )
-            except (OSError, subprocess.SubprocessError):
-                return False
-            if proc.returncode == 0 and out.exists():
-                os.replace(out, target)  # atomic: a concurrent builder sees all or nothing
-                return True
-    return False
 
 
-def _machine_tag() -> str:
+# ------------------------------------------------------------------------ build and load
+
+
+def _tag(source: bytes, flag_sets: tuple[tuple[str, ...], ...]) -> str:
     from deepsqueeze.runtime.autotune import cpu_model
 
-    raw = f"{C_SOURCE}|{cpu_model()}|{_FLAG_SETS}".encode()
+    raw = source + f"|{cpu_model()}|{flag_sets}|{ABI_VERSION}".encode()
     return hashlib.sha256(raw).hexdigest()[:16]
 
 
+def library_name(*, sanitize: bool = False) -> str:
+    """File name of the cached library: source, CPU, flags and ABI hashed into it (the
+    sanitizer build has its own name, so the two never mix)."""
+    flag_sets = _SANITIZE_FLAGS if sanitize else _FLAG_SETS
+    return f"dsqkernel-{'asan-' if sanitize else ''}{_tag(kernel_source(), flag_sets)}.so"
+
+
+def _rmtree_at_exit(path: str) -> None:
+    atexit.register(shutil.rmtree, path, True)
+
+
+def _compile(source: bytes, flag_sets: tuple[tuple[str, ...], ...], name: str,
+             keep: bool) -> tuple[bytes, Path]:
+    """Compile ``source`` in a private temp folder; (library bytes, its path). The folder is
+    removed now, or at exit when ``keep`` (the path then stays readable)."""
+    cc = _compiler()
+    if not cc:
+        raise NoCompilerError("no C compiler (cc, gcc, clang or $CC) found")
+    tmp = tempfile.mkdtemp(prefix="dsqkernel-build-")  # 0700, ours
+    try:
+        src = Path(tmp) / "dsqkernel.c"
+        src.write_bytes(source)
+        out = Path(tmp) / name
+        errors = []
+        for flags in flag_sets:
+            try:
+                proc = subprocess.run([cc, *flags, "-o", str(out), str(src)],
+                                      capture_output=True, timeout=300)
+            except (OSError, subprocess.SubprocessError) as exc:
+                raise KernelUnavailable(f"running the C compiler {cc} failed: {exc}") from exc
+            if proc.returncode == 0 and out.is_file():
+                data = out.read_bytes()
+                if keep:
+                    _rmtree_at_exit(tmp)
+                    tmp = ""
+                return data, out
+            errors.append(proc.stderr.decode("utf-8", "replace").strip()[-500:])
+        raise KernelUnavailable(f"compiling the C kernel with {cc} failed: {errors[-1]}")
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _dlopen(data: bytes, name: str, keep_file: bool) -> ctypes.CDLL:
+    """Load exactly ``data`` as a shared library: from an anonymous memory file (Linux) when
+    possible, else from a fresh 0600 file in a private 0700 temp folder. Either way the bytes
+    mapped are the bytes the caller verified; nothing on a shared path can swap them."""
+    if not keep_file and hasattr(os, "memfd_create"):
+        fd = -1
+        try:
+            fd = os.memfd_create(name, getattr(os, "MFD_CLOEXEC", 0))
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            lib = ctypes.CDLL(f"/proc/self/fd/{fd}")
+            _open_fds.append(fd)  # kept open: the loader knows the library by this path name
+            return lib
+        except OSError:
+            if fd >= 0:
+                os.close(fd)
+    tmp = tempfile.mkdtemp(prefix="dsqkernel-load-")
+    try:
+        path = os.path.join(tmp, name)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0),
+                     0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+        try:
+            return ctypes.CDLL(path)
+        except OSError as exc:
+            raise KernelUnavailable(f"loading the C kernel failed: {exc}") from exc
+    finally:
+        if keep_file:  # sanitizer reports symbolise from the file: keep it until exit
+            _rmtree_at_exit(tmp)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _self_test(kernel: Kernel) -> None:
+    """A 2 x 3 layer with gaps through validate, chain (n = 1, 2) and densify; and a malformed
+    one that validate must refuse."""
+    i32x3, f32 = ctypes.c_int32 * 3, ctypes.c_float
+    rowptr, gaps = i32x3(0, 2, 3), (ctypes.c_uint8 * 3)(0, 1, 1)  # (0,0) (0,2) (1,1)
+    vals, bias = (f32 * 3)(1.0, 2.0, 3.0), (f32 * 2)(0.5, -0.5)
+    layer = DsqLayer(2, 3, MODE_F32, 0, ctypes.addressof(rowptr), ctypes.addressof(rowptr),
+                     ctypes.addressof(gaps), ctypes.addressof(vals), None,
+                     ctypes.addressof(bias), 3, 12, 0, 0)
+    x, y, dense = (f32 * 6)(1, 2, 3, 1, 1, 1), (f32 * 4)(), (f32 * 6)()
+    ok = (kernel.validate(ctypes.byref(layer)) == DSQ_OK
+          and kernel.chain(1, ctypes.byref(layer), x, 3, y, 2, 1) == DSQ_OK
+          and list(y)[:2] == [7.5, 5.5]
+          and kernel.chain(1, ctypes.byref(layer), x, 6, y, 4, 2) == DSQ_OK
+          and list(y) == [7.5, 5.5, 3.5, 2.5]
+          and kernel.densify(ctypes.byref(layer), dense, 6) == DSQ_OK
+          and list(dense) == [1, 0, 2, 0, 3, 0]
+          and kernel.chain(1, ctypes.byref(layer), x, 3, y, 2, 2) == DSQ_ESIZE)
+    gaps[2] = 3  # column 3 of a 3-column matrix
+    if not ok or kernel.validate(ctypes.byref(layer)) != DSQ_EFORM:
+        raise KernelUnavailable(f"{kernel.path.name} fails its self-test")
+
+
+def _open(data: bytes, path: Path, sanitized: bool) -> Kernel:
+    lib = _dlopen(data, path.name, keep_file=sanitized)
+    kernel = Kernel(lib, path, sanitized=sanitized, sha256=hashlib.sha256(data).hexdigest())
+    _self_test(kernel)
+    return kernel
+
+
+def load_kernel(cache: Path | None, *, sanitize: bool = False) -> Kernel:
+    """Load the kernel from the verified cache in folder ``cache``, else build it (and cache
+    it there when the folder is private). ``cache=None``: build privately, cache nothing.
+
+    Raises :class:`KernelUnavailable` (:class:`NoCompilerError` without a compiler).
+    """
+    if sanitize and not _sanitizer_loaded():
+        raise KernelUnavailable(
+            f"{ENV_SANITIZE}=1 needs the AddressSanitizer runtime preloaded into the process: "
+            "run it with deepsqueeze.runtime.kernel.sanitizer_env() (LD_PRELOAD of libasan and "
+            "libubsan, ASAN_OPTIONS=detect_leaks=0); the kernel is not used"
+        )
+    source = kernel_source()
+    flag_sets = _SANITIZE_FLAGS if sanitize else _FLAG_SETS
+    name = library_name(sanitize=sanitize)
+    dfd = _open_private_dir(cache) if cache is not None else None
+    try:
+        if dfd is not None:
+            assert cache is not None
+            try:
+                data = _read_verified(dfd, name)
+                if data is not None:
+                    return _open(data, cache / name, sanitize)
+            except (_Untrusted, KernelUnavailable) as exc:
+                _warn_once(f"entry:{cache / name}", f"cached C kernel {cache / name} {exc}: "
+                           "not used; rebuilding it")
+        data, built = _compile(source, flag_sets, name, keep=True)
+        path = cache / name if dfd is not None and cache is not None and _store(
+            dfd, name, data, cache) else built
+        return _open(data, path, sanitize)
+    finally:
+        if dfd is not None:
+            os.close(dfd)
+
+
 def get_kernel() -> Kernel | None:
-    """The compiled kernel (built on first use), or None when disabled or no compiler works."""
+    """The compiled kernel (built on first use), or None when disabled or unavailable."""
     global _kernel, _tried
     if not kernel_enabled():
         return None
@@ -434,12 +580,12 @@ def get_kernel() -> Kernel | None:
         if _tried:
             return _kernel
         _tried = True
-        target = kernel_dir() / f"dsqkernel-{_machine_tag()}.so"
         try:
-            if not target.exists() and not _compile(target):
-                return None
-            _kernel = Kernel(ctypes.CDLL(str(target)), target)
-        except OSError:
+            _kernel = load_kernel(kernel_dir(), sanitize=sanitize_enabled())
+        except NoCompilerError:
+            _kernel = None
+        except KernelUnavailable as exc:
+            _warn_once("unavailable", f"the C kernel is not used: {exc}")
             _kernel = None
         return _kernel
 

@@ -19,6 +19,14 @@ implementation  how it runs                                               weight
 ``dense``       fp32 dense weight, ``F.linear`` / ``F.conv2d``            dense fp32
 ==============  ========================================================  =====================
 
+Every executor checks its input before running (and before any C call): a CPU, strided
+tensor of a floating dtype (computed in fp32, the output is fp32), a Linear's last dimension
+equal to its ``in_features``, a Conv2d's ``[N, C, H, W]`` (or unbatched ``[C, H, W]``) with the
+layer's channels and a plane the kernel fits in; a batch of 0 gives an empty output. Anything
+else raises :class:`~deepsqueeze.errors.RuntimeInputError` naming the layer. The C entry points
+check their arguments again (buffer lengths, geometry, validated forms), see
+``csrc/dsqkernel.c``.
+
 Layers kept dense in the file (channel-pruned layers are just smaller dense layers) stay plain
 torch modules. Later methods plug in by registering a form decoder
 (:func:`deepsqueeze.runtime.forms.register_form`) and executors for that form here
@@ -29,6 +37,7 @@ indices, binary layers as packed bits, int8 through int8 kernels.
 from __future__ import annotations
 
 import ctypes
+import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,8 +48,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deepsqueeze.errors import DsqFormatError, RuntimeInputError
 from deepsqueeze.runtime.forms import CompressedMatrix
-from deepsqueeze.runtime.kernel import MODE_F32, DsqLayer, Kernel, get_kernel
+from deepsqueeze.runtime.kernel import (
+    MODE_CB16,
+    MODE_F32,
+    DsqLayer,
+    Kernel,
+    check_rc,
+    get_kernel,
+)
+
+_TENSOR, _F32, _STRIDED = torch.Tensor, torch.float32, torch.strided
+_GEOMETRY_CACHE = 64  # conv plane sizes whose kernel geometry vector is kept per layer
 
 
 def _buffers(module: nn.Module, **tensors: torch.Tensor | None) -> None:
@@ -48,10 +68,52 @@ def _buffers(module: nn.Module, **tensors: torch.Tensor | None) -> None:
         module.register_buffer(name, t, persistent=False)
 
 
+def as_input(x: Any, who: str) -> torch.Tensor:
+    """``x`` as a contiguous CPU float32 tensor, or :class:`RuntimeInputError` saying why not.
+
+    The slow path of the executors' input check (their fast path accepts a plain contiguous
+    CPU float32 tensor as it is): floating dtypes are converted, anything else is refused.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise RuntimeInputError(f"{who}: expected a torch.Tensor, got {type(x).__name__}")
+    if x.layout is not _STRIDED:
+        raise RuntimeInputError(f"{who}: expected a dense (strided) tensor, got layout "
+                                f"{x.layout}; convert it with .to_dense()")
+    if not x.is_cpu:
+        raise RuntimeInputError(f"{who}: runs on the CPU, got a tensor on {x.device}; move it "
+                                "with .cpu()")
+    if not x.is_floating_point():
+        raise RuntimeInputError(f"{who}: expected a floating-point tensor, got {x.dtype}; "
+                                "convert it with .float()")
+    return x.to(_F32).contiguous()
+
+
 class RuntimeLayer(nn.Module):
-    """Base of every compressed-layer executor: names its implementation, counts its bytes."""
+    """Base of every compressed-layer executor: names its implementation, counts its bytes.
+
+    ``layer``: the model's name of the layer it runs (set by the loader), for messages.
+    """
 
     impl: str = "?"
+    layer: str = ""
+
+    def who(self) -> str:
+        """How error messages name this executor: ``layer 'fc1' (kernel)``."""
+        name = f"layer {self.layer!r}" if self.layer else type(self).__name__
+        return f"{name} ({self.impl})"
+
+    def linear_input(self, x: Any, cols: int) -> torch.Tensor:
+        """``x`` checked for a Linear of ``cols`` inputs (``[..., cols]``) and made a contiguous
+        CPU float32 tensor; :class:`RuntimeInputError` otherwise."""
+        if (type(x) is not _TENSOR or x.dtype is not _F32 or x.layout is not _STRIDED
+                or not x.is_cpu or not x.is_contiguous()):
+            x = as_input(x, self.who())
+        shape = x.shape
+        if not shape or shape[-1] != cols:
+            raise RuntimeInputError(
+                f"{self.who()}: expected an input of shape [..., {cols}] ({cols} features), got "
+                f"{list(shape)}")
+        return x
 
     def extra_bytes(self) -> int:
         """Bytes held outside registered buffers (scipy arrays, sparse tensors)."""
@@ -67,11 +129,17 @@ class RuntimeLayer(nn.Module):
         return f"impl={self.impl}, held_bytes={self.held_bytes()}"
 
 
+def _vals_dtype(mode: int) -> torch.dtype:
+    return _F32 if mode == MODE_F32 else torch.int16 if mode == MODE_CB16 else torch.uint8
+
+
 class _CompactMixin:
     """Holds a :class:`CompressedMatrix` as buffers plus the C struct describing it.
 
-    The struct holds raw pointers into the buffers; it is rebuilt whenever the buffers are
-    replaced (``.to()``, ``.float()``, ... go through ``_apply``). Only CPU float32 is supported.
+    The struct holds raw pointers into the buffers and their lengths; it is rebuilt (and
+    validated by the kernel, ``dsq_validate``) whenever the buffers are replaced (``.to()``,
+    ``.float()``, ... go through ``_apply``). Only CPU float32 buffers are supported: a dtype
+    or device change raises :class:`RuntimeInputError` and leaves the layer refusing to run.
     """
 
     relu: bool = False
@@ -80,23 +148,66 @@ class _CompactMixin:
         module: Any = self
         self.rows, self.cols, self.mode = form.rows, form.cols, form.mode
         self.encoding = form.encoding
+        if bias is not None:
+            bias = bias.detach().to(_F32).contiguous()
         _buffers(module, rowptr=form.rowptr, symptr=form.symptr, gaps=form.gaps,
                  vals=form.vals, codebook=form.codebook, bias=bias)
         self._refresh()
 
+    def _buffer_problem(self) -> str | None:
+        """What makes the held buffers unfit for the C struct, or None."""
+        m: Any = self
+        want = {"rowptr": (torch.int32, self.rows + 1), "symptr": (torch.int32, self.rows + 1),
+                "gaps": (torch.uint8, None), "vals": (_vals_dtype(self.mode), None),
+                "codebook": (_F32, None), "bias": (_F32, self.rows)}
+        for name, (dtype, numel) in want.items():
+            t = getattr(m, name)
+            if t is None:
+                if name in ("rowptr", "symptr", "vals"):
+                    return f"buffer {name} is missing"
+                continue
+            if not t.is_cpu:
+                return f"runs on the CPU only, but {name} is on {t.device}"
+            if t.dtype != dtype or t.layout is not _STRIDED or not t.is_contiguous():
+                return (f"buffer {name} is {t.dtype}, expected contiguous {dtype} (runtime "
+                        "layers keep their dtypes: .half()/.double()/.to(dtype) are not "
+                        "supported)")
+            if numel is not None and t.numel() != numel:
+                return f"buffer {name} has {t.numel()} elements, expected {numel}"
+        if self.mode != MODE_F32 and m.codebook is None:
+            return "a codebook mode without a codebook"
+        return None
+
     def _refresh(self) -> None:
         m: Any = self
-        for t in m.buffers(recurse=False):
-            if t.device.type != "cpu":
-                raise RuntimeError(f"{type(self).__name__} runs on the CPU only")
-        self._struct = DsqLayer(
+        self._struct = DsqLayer()  # not validated: the kernel refuses it until replaced
+        self._addr = ctypes.addressof(self._struct)
+        problem = self._buffer_problem()
+        if problem is not None:
+            raise RuntimeInputError(f"{type(self).__name__}: {problem}")
+        nbytes = m.vals.numel() * m.vals.element_size()
+        struct = DsqLayer(
             self.rows, self.cols, self.mode, int(self.relu),
             m.rowptr.data_ptr(), m.symptr.data_ptr(),
-            None if m.gaps is None else m.gaps.data_ptr(), m.vals.data_ptr(),
-            None if m.codebook is None else m.codebook.data_ptr(),
-            None if m.bias is None else m.bias.float().data_ptr(),
+            None if m.gaps is None else m.gaps.data_ptr() or None, m.vals.data_ptr() or None,
+            None if m.codebook is None else m.codebook.data_ptr() or None,
+            None if m.bias is None else m.bias.data_ptr(),
+            0 if m.gaps is None else m.gaps.numel(), nbytes,
+            0 if m.codebook is None else m.codebook.numel(), 0,
         )
-        self._addr = ctypes.addressof(self._struct)
+        kernel = get_kernel()
+        if kernel is not None:
+            rc = kernel.validate(ctypes.byref(struct))
+            if rc:
+                raise DsqFormatError(f"{type(self).__name__}: the C kernel refused the "
+                                     f"compact form of a {self.rows} x {self.cols} matrix "
+                                     f"(code {rc})")
+        self._struct = struct
+        self._addr = ctypes.addressof(struct)
+        # the tensors the struct points into stay alive as long as the struct, even if a
+        # buffer is reassigned (the struct then reads the old, still valid, memory)
+        self._pinned = tuple(t for t in (m.rowptr, m.symptr, m.gaps, m.vals, m.codebook, m.bias)
+                             if t is not None)
 
     def set_relu(self, relu: bool) -> None:
         """Fuse (or unfuse) a ReLU on this layer's output."""
@@ -104,6 +215,8 @@ class _CompactMixin:
         self._struct.relu = int(relu)
 
     def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        self._struct = DsqLayer()  # refused by the kernel until rebuilt
+        self._addr = ctypes.addressof(self._struct)
         out = super()._apply(fn, recurse)  # type: ignore[misc]
         self._refresh()
         return out
@@ -119,14 +232,16 @@ class _CompactMixin:
         if kernel is None:
             return self.form().to_dense()
         out = torch.zeros(self.rows, self.cols)
-        kernel.densify(self._addr, out.data_ptr())
+        check_rc(kernel.densify(self._addr, out.data_ptr(), out.numel()),
+                 f"{type(self).__name__} densify")
         return out
 
 
 def _need_kernel() -> Kernel:
     kernel = get_kernel()
     if kernel is None:
-        raise RuntimeError("the C kernel is not available")
+        raise RuntimeInputError("the C kernel is not available (no C compiler, or "
+                                "DEEPSQUEEZE_KERNEL=0)")
     return kernel
 
 
@@ -144,11 +259,20 @@ class KernelLinear(_CompactMixin, RuntimeLayer):
         self._hold(form, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != torch.float32 or not x.is_contiguous():
-            x = x.float().contiguous()
-        y = torch.empty(*x.shape[:-1], self.rows)
-        if self._chain(1, self._addr, x.data_ptr(), y.data_ptr(), x.numel() // self.cols):
-            raise MemoryError("kernel scratch allocation failed")
+        # the checks of linear_input, inlined: this call is the batch-1 hot path
+        if (type(x) is not _TENSOR or x.dtype is not _F32 or x.layout is not _STRIDED
+                or not x.is_cpu or not x.is_contiguous()):
+            x = as_input(x, self.who())
+        shape = x.shape
+        if not shape or shape[-1] != self.cols:
+            return self.linear_input(x, self.cols)  # raises the shape error
+        y = torch.empty(*shape[:-1], self.rows)
+        m = x.numel()
+        if m:
+            n = m // self.cols
+            rc = self._chain(1, self._addr, x.data_ptr(), m, y.data_ptr(), n * self.rows, n)
+            if rc:
+                check_rc(rc, self.who())
         return y
 
 
@@ -162,6 +286,7 @@ class DensifyLinear(_CompactMixin, RuntimeLayer):
         self._hold(form, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.linear_input(x, self.cols)
         return F.linear(x, self.dense_weight(), self.bias)
 
 
@@ -202,8 +327,11 @@ class TorchCSRLinear(RuntimeLayer):
         return _csr_bytes(self.weight_csr)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.linear_input(x, self.cols)
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.cols).float()
+        if x.numel() == 0:
+            return torch.empty(*lead, self.rows)
+        x2 = x.reshape(-1, self.cols)
         y = torch.addmm(self._bias_col, self.weight_csr, x2.t()).t()
         return y.reshape(*lead, self.rows)
 
@@ -229,8 +357,11 @@ class ScipyLinear(RuntimeLayer):
         return int(m.data.nbytes + m.indices.nbytes + m.indptr.nbytes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.linear_input(x, self.cols)
         lead = x.shape[:-1]
-        xn = x.detach().reshape(-1, self.cols).float().numpy()
+        if x.numel() == 0:
+            return torch.empty(*lead, self.rows)
+        xn = x.detach().reshape(-1, self.cols).numpy()
         if xn.shape[0] == 1:
             y = self.matrix @ xn[0]
             if self._bias_np is not None:
@@ -251,10 +382,11 @@ class DenseLinear(RuntimeLayer):
 
     def __init__(self, form: CompressedMatrix, bias: torch.Tensor | None) -> None:
         super().__init__()
+        self.rows, self.cols = form.rows, form.cols
         _buffers(self, weight=form.to_dense(), bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return F.linear(self.linear_input(x, self.cols), self.weight, self.bias)
 
 
 # ---------------------------------------------------------------------------------- Conv2d
@@ -292,17 +424,46 @@ class ConvGeometry:
 
 
 class _ConvBase(RuntimeLayer):
+    """Input checks shared by the Conv2d executors; subclasses implement :meth:`run`."""
+
     def __init__(self, geometry: ConvGeometry, bias: torch.Tensor | None) -> None:
         super().__init__()
         self.geometry = geometry
         _buffers(self, bias=bias)
 
-    def _unfold(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Check ``x`` (``[N, C, H, W]`` or unbatched ``[C, H, W]``), then :meth:`run` it."""
         g = self.geometry
-        oh, ow = g.out_size(x.shape[-2], x.shape[-1])
-        cols = F.unfold(x.float(), g.kernel_size, dilation=g.dilation, padding=g.padding,
-                        stride=g.stride)
-        return cols.contiguous(), oh, ow
+        if (type(x) is not _TENSOR or x.dtype is not _F32 or x.layout is not _STRIDED
+                or not x.is_cpu or not x.is_contiguous()):
+            x = as_input(x, self.who())
+        shape = x.shape
+        if len(shape) not in (3, 4) or shape[-3] != g.in_channels:
+            raise RuntimeInputError(
+                f"{self.who()}: expected an input of shape [N, {g.in_channels}, H, W] (or "
+                f"[{g.in_channels}, H, W]), got {list(shape)}")
+        h, w = shape[-2], shape[-1]
+        oh, ow = g.out_size(h, w)
+        if h < 1 or w < 1 or oh < 1 or ow < 1:
+            k = [g.dilation[i] * (g.kernel_size[i] - 1) + 1 for i in (0, 1)]
+            raise RuntimeInputError(
+                f"{self.who()}: input plane {h}x{w} (padded by {g.padding[0]}x{g.padding[1]}) "
+                f"is smaller than the {k[0]}x{k[1]} kernel")
+        batched = x if len(shape) == 4 else x.unsqueeze(0)
+        if batched.shape[0] == 0:
+            y = torch.empty(0, g.out_channels, oh, ow)
+        else:
+            y = self.run(batched, oh, ow)
+        return y if len(shape) == 4 else y.squeeze(0)
+
+    def run(self, x: torch.Tensor, oh: int, ow: int) -> torch.Tensor:
+        """The convolution of a checked, non-empty ``[N, C, H, W]`` float32 ``x``."""
+        raise NotImplementedError
+
+    def _unfold(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.geometry
+        return F.unfold(x, g.kernel_size, dilation=g.dilation, padding=g.padding,
+                        stride=g.stride).contiguous()
 
     def _conv(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         g = self.geometry
@@ -318,31 +479,31 @@ class KernelConv2d(_CompactMixin, _ConvBase):
     def __init__(self, form: CompressedMatrix, bias: torch.Tensor | None,
                  geometry: ConvGeometry) -> None:
         super().__init__(geometry, None)
+        if geometry.groups != 1 or form.cols != geometry.in_channels * math.prod(
+                geometry.kernel_size):
+            raise DsqFormatError(f"a {form.rows} x {form.cols} matrix does not fit the "
+                                 f"convolution {geometry}")
         self._conv_fn = _need_kernel().conv_direct
         self._hold(form, bias)
-        self._geom: dict[tuple[int, int], tuple[torch.Tensor, int, int]] = {}
+        self._geom: dict[tuple[int, int], torch.Tensor] = {}
 
-    def _geometry_of(self, h: int, w: int) -> tuple[torch.Tensor, int, int]:
+    def _geometry_of(self, h: int, w: int, oh: int, ow: int) -> torch.Tensor:
         found = self._geom.get((h, w))
         if found is None:
             g = self.geometry
-            oh, ow = g.out_size(h, w)
-            if oh < 1 or ow < 1:
-                raise RuntimeError(f"input {h}x{w} is smaller than the kernel")
-            vec = torch.tensor([g.in_channels, h, w, *g.kernel_size, *g.stride, *g.padding,
-                                *g.dilation, oh, ow], dtype=torch.int64)
-            found = self._geom[(h, w)] = (vec, oh, ow)
+            if len(self._geom) >= _GEOMETRY_CACHE:
+                self._geom.clear()
+            found = self._geom[(h, w)] = torch.tensor(
+                [g.in_channels, h, w, *g.kernel_size, *g.stride, *g.padding, *g.dilation, oh,
+                 ow], dtype=torch.int64)
         return found
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != torch.float32 or not x.is_contiguous():
-            x = x.float().contiguous()
-        if x.dim() != 4 or x.shape[1] != self.geometry.in_channels:
-            raise RuntimeError(f"expected [N, {self.geometry.in_channels}, H, W], got "
-                               f"{tuple(x.shape)}")
-        vec, oh, ow = self._geometry_of(x.shape[2], x.shape[3])
-        y = torch.empty(x.shape[0], self.rows, oh, ow)
-        self._conv_fn(self._addr, vec.data_ptr(), x.data_ptr(), y.data_ptr(), x.shape[0])
+    def run(self, x: torch.Tensor, oh: int, ow: int) -> torch.Tensor:
+        n, _, h, w = x.shape
+        vec = self._geometry_of(h, w, oh, ow)
+        y = torch.empty(n, self.rows, oh, ow)
+        check_rc(self._conv_fn(self._addr, vec.data_ptr(), vec.numel(), x.data_ptr(),
+                               x.numel(), y.data_ptr(), y.numel(), n), self.who())
         return y
 
 
@@ -361,8 +522,8 @@ class TorchCSRConv2d(_ConvBase):
     def extra_bytes(self) -> int:
         return _csr_bytes(self.weight_csr)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        cols, oh, ow = self._unfold(x)
+    def run(self, x: torch.Tensor, oh: int, ow: int) -> torch.Tensor:
+        cols = self._unfold(x)
         n, ckk, positions = cols.shape
         flat = cols.transpose(0, 1).reshape(ckk, n * positions)
         y = torch.addmm(self._bias_col, self.weight_csr, flat)
@@ -379,7 +540,7 @@ class DensifyConv2d(_CompactMixin, _ConvBase):
         super().__init__(geometry, None)
         self._hold(form, bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def run(self, x: torch.Tensor, oh: int, ow: int) -> torch.Tensor:
         return self._conv(x, self.dense_weight().view(self.geometry.weight_shape))
 
 
@@ -393,7 +554,7 @@ class DenseConv2d(_ConvBase):
         super().__init__(geometry, bias)
         _buffers(self, weight=form.to_dense().view(geometry.weight_shape).contiguous())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def run(self, x: torch.Tensor, oh: int, ow: int) -> torch.Tensor:
         return self._conv(x, self.weight)
 
 

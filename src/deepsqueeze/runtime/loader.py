@@ -180,6 +180,7 @@ def load_runtime(
         mods = {impl.name: impl.build(form, bias, module).eval() for impl in impl_list}
         for impl_name, mod in mods.items():
             mod.impl = impl_name  # the registry's name (one class may serve several)
+            mod.layer = name  # named in its input errors
         choice = at.LayerChoice(
             layer=name,
             layer_type=type(module).__name__,
@@ -304,6 +305,7 @@ def _fuse(
         name = f"fused{i}"
         members = [kernel_linear[n] for n in seg.layers]
         chain = FusedChain(members, seg.relus, seg.flatten).eval()
+        chain.layer = " → ".join(seg.layers)
         before = sum(gm.get_submodule(n).held_bytes() for n in seg.layers)
         extra = sum(m.held_bytes() for m in members) - before
         record: dict[str, Any] = {"name": name, "layers": seg.layers, "relus": seg.relus,
