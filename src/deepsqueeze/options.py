@@ -40,7 +40,8 @@ def describe_validation_error(exc: ValidationError, *, options: bool = True) -> 
         flag = f" (--{loc.replace('_', '-')})" if options and len(err["loc"]) == 1 else ""
         given = "" if err["type"] in ("missing", "extra_forbidden") else \
             f", got {short_repr(err.get('input'))}"
-        parts.append(f"{loc}{flag}: {err['msg']}{given}")
+        msg = err["msg"].removeprefix("Value error, ")  # our validators' own words
+        parts.append(f"{loc}{flag}: {msg}{given}")
     return "; ".join(parts)
 
 

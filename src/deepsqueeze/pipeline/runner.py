@@ -96,6 +96,8 @@ def compress(
     if out is not None:
         inputs = [p for p in (model, recipe) if isinstance(p, (str, Path))]
         check_output_file(out, inputs=inputs)
+    if subset is not None:
+        check_int("subset (--subset)", subset, 1, 1 << 31)
     recipe = load_recipe(recipe)
     if isinstance(model, (str, Path)):
         model = load_model(model)
@@ -111,7 +113,6 @@ def compress(
     train_set = load_dataset(dataset, "train", data_dir=data_dir)
     test_set = load_dataset(dataset, "test", data_dir=data_dir)
     if subset is not None:
-        check_int("subset (--subset)", subset, 1, 1 << 31)
         train_set = train_set.subset(subset, seed=recipe.seed)
     check_fits(model, train_set)
     x_test = test_set.normalized()

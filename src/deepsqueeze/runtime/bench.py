@@ -149,7 +149,8 @@ def bench(
 
     Raises :class:`OptionError` for a batch size outside 1..``MAX_BATCH``, ``runs`` outside
     1..``MAX_RUNS``, ``threads`` outside 1..``MAX_THREADS``, a ``memory_budget`` that is not a
-    positive number (None: no limit) or an unknown backend, before any work.
+    number in 0..``MAX_MEMORY_BUDGET`` (0 or None: no limit) or an unknown backend, before any
+    work.
     """
     from deepsqueeze.dsq import load
 
@@ -159,8 +160,10 @@ def bench(
     check_int("runs (--runs)", runs, 1, MAX_RUNS)
     if threads is not None:
         check_int("threads (--threads)", threads, 1, MAX_THREADS)
-    if memory_budget is not None:
-        check_float("memory budget (--memory-budget)", memory_budget, 1e-9, MAX_MEMORY_BUDGET)
+    if memory_budget is not None and memory_budget != 0:  # 0 or None: no limit
+        check_float("memory budget (--memory-budget, times the file's bytes; 0: no limit)",
+                    memory_budget, 0.0, MAX_MEMORY_BUDGET)
+    memory_budget = memory_budget or None
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown:
         raise OptionError(f"unknown backends {unknown}; known: {', '.join(BACKENDS)}")

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -80,6 +80,16 @@ class TrainConfig(BaseModel):
     )
     temperature: float = Field(4.0, gt=0, description="softmax temperature of distillation")
     device: str = "auto"
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, device: str) -> str:
+        if device != "auto":
+            try:
+                torch.device(device)
+            except (RuntimeError, ValueError) as exc:
+                raise ValueError("should be auto, cpu, cuda or cuda:N (a torch device)") from exc
+        return device
 
     def __init__(self, **options: Any) -> None:
         try:

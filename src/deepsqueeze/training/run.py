@@ -184,14 +184,16 @@ def train(
         )
     if not isinstance(model, str):
         raise ModelError("train() takes a zoo model name; for your own nn.Module use training.fit")
+    models.model_info(model)  # an unknown name fails here, before the data is loaded
     if not isinstance(dataset, str):
         raise OptionError(f"dataset must be a dataset name, got {short_repr(dataset)}")
     cfg = _config_from(options, model, source)
+    if subset is not None:
+        check_int(f"{source}subset (--subset)", subset, 1, MAX_SUBSET)
 
     train_set = load_dataset(dataset, "train", data_dir=data_dir)
     test_set = load_dataset(dataset, "test", data_dir=data_dir)
     if subset is not None:
-        check_int("subset (--subset)", subset, 1, MAX_SUBSET)
         train_set = train_set.subset(subset, seed=cfg.seed)
     kwargs = model_kwargs_for(model, train_set, model_kwargs or {})
     _seed_everything(cfg.seed)
