@@ -16,6 +16,7 @@ import os
 import resource
 import struct
 import subprocess
+import sys
 import time
 import zlib
 from collections.abc import Callable
@@ -533,3 +534,25 @@ def test_the_command_line_script_reports_in_one_line(files, tmp_path: Path) -> N
     code, err = run_isolated(["train", "--lr", "-1", "--out", tmp_path / "run"], tmp_path)
     assert_one_error(code, err, "--lr")
     assert not (tmp_path / "run").exists()
+
+
+def test_torchrun_workers_never_import_from_the_working_directory(tmp_path: Path,
+                                                                  monkeypatch) -> None:
+    """``train --nproc`` workers are ``python -m deepsqueeze`` processes started in the user's
+    folder: a torch.py there must not run in them."""
+    from deepsqueeze.training import distributed
+
+    if sys.version_info < (3, 11):
+        pytest.skip("PYTHONSAFEPATH needs Python 3.11")
+    marker = tmp_path / "PLANTED-CODE-RAN"
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    (cwd / "torch.py").write_text(PLANT.format(marker=str(marker)))
+    monkeypatch.chdir(cwd)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.delenv("PYTHONSAFEPATH", raising=False)
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    assert distributed.launch_torchrun(["models"], 1) == 0
+    assert not marker.exists()
+    assert "PYTHONSAFEPATH" not in os.environ  # only the workers got it

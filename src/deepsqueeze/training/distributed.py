@@ -333,6 +333,10 @@ def launch_torchrun(argv: Sequence[str], nproc: int, module: str = "deepsqueeze"
 
     if "OMP_NUM_THREADS" not in os.environ:  # share this node's cores between the workers
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
+    # workers run `python -m`, which puts the working directory first on sys.path: with
+    # PYTHONSAFEPATH (Python 3.11+) a torch.py lying there is not imported in their place
+    safe_path = os.environ.get("PYTHONSAFEPATH")
+    os.environ["PYTHONSAFEPATH"] = "1"
     args = parse_args(torchrun_args(argv, nproc, module))
     try:
         run(args)
@@ -345,6 +349,11 @@ def launch_torchrun(argv: Sequence[str], nproc: int, module: str = "deepsqueeze"
             file=sys.stderr,
         )
         return code
+    finally:
+        if safe_path is None:
+            os.environ.pop("PYTHONSAFEPATH", None)
+        else:
+            os.environ["PYTHONSAFEPATH"] = safe_path
     return 0
 
 
