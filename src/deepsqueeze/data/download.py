@@ -51,7 +51,7 @@ def _fetch(url: str, dest: Path, timeout: float = TIMEOUT_S) -> None:
     with urllib.request.urlopen(url, timeout=timeout) as resp, open(dest, "wb") as out:
         total = int(resp.headers.get("Content-Length") or 0) or None
         progress = Progress(
-            TextColumn("{task.description}"),
+            TextColumn("{task.description}", markup=False),  # a file name, not markup
             BarColumn(),
             DownloadColumn(),
             TransferSpeedColumn(),
