@@ -307,13 +307,14 @@ def test_resume_from_a_tampered_run_json(tmp_path: Path, capsys, monkeypatch) ->
 
 
 def test_markup_in_a_path_is_printed_as_it_is(files, tmp_path: Path, capsys) -> None:
-    odd = tmp_path / "[bold]a[" / "x] :smile: [red]b.dsq"  # the path reads ...a[/x] :smile:...
+    odd = tmp_path / "[bold]a[" / "x] :smile: [red]b\x1b[2J.dsq"  # reads ...a[/x] :smile:...
     odd.parent.mkdir()
     odd.write_bytes(files["dsq"].read_bytes())
     code, out, err = run_cli(["inspect", odd, "--json", tmp_path / "[/y].json"], capsys)
     assert code == 0, err
     flat = " ".join(out.split())
-    assert "[bold]a[/x] :smile: [red]b.dsq" in flat and "😄" not in out
+    assert "[bold]a[/x] :smile: [red]b\\x1b[2J.dsq" in flat and "😄" not in out
+    assert "\x1b" not in out  # a terminal escape in a name is shown, not sent
     assert json.loads((tmp_path / "[/y].json").read_text())["path"] == str(odd)
 
 
@@ -323,13 +324,15 @@ def test_markup_in_recipe_and_stage_names_is_printed_as_it_is(files, tmp_path: P
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
         "name: '[/x] :smile: [bold]r'\ndataset: mnist\n"
-        "stages: [{method: prune, name: '[/y]stage', params: {sparsity: 0.5},\n"
+        "stages: [{method: prune, name: \"[/y]s\\x1b[2J\", params: {sparsity: 0.5},\n"
         "          finetune: {epochs: 0.05, batch_size: 100}}]\n"
     )
     code, out, err = run_cli(["compress", files["model"], "--recipe", recipe, "--out",
                               tmp_path / "o.dsq", "--subset", "200", "--progress"], capsys)
     assert code == 0, err
-    assert "[/x] :smile: [bold]r" in out and "[/y]stage" in out and "😄" not in out
+    assert "[/x] :smile: [bold]r" in out and "😄" not in out
+    # the stage name, in the stages table and the progress bar: shown, never sent to the terminal
+    assert out.count("[/y]s\\x1b[2J") >= 2 and "\x1b" not in out
 
 
 # ------------------------------------------------------------ interrupts, OS errors, bugs

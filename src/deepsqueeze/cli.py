@@ -22,6 +22,7 @@ from rich.table import Table
 from rich.text import Text
 
 from deepsqueeze.errors import DeepSqueezeError, OptionError, OutputPathError
+from deepsqueeze.options import printable
 
 try:  # recent typer vendors click
     from typer._click.exceptions import ClickException as _ClickException
@@ -37,9 +38,19 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-# markup/emoji/highlight off: text from files, paths and options is shown as it is
-console = Console(markup=False, emoji=False, highlight=False)
-err_console = Console(stderr=True, markup=False, emoji=False, highlight=False, soft_wrap=True)
+class PlainConsole(Console):
+    """A console for text that is not ours: markup, emoji codes and highlighting off, control
+    characters escaped in every string it renders (messages, table titles and cells)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(markup=False, emoji=False, highlight=False, **kwargs)
+
+    def render_str(self, text: str, **kwargs: Any) -> Text:
+        return super().render_str(printable(text), **kwargs)
+
+
+console = PlainConsole()
+err_console = PlainConsole(stderr=True, soft_wrap=True)
 EXIT_ERROR = 2  # a bad input, option or path; also click's usage errors
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 MAX_ERROR_CHARS = 4000
@@ -77,8 +88,8 @@ def _write_json(path: Path | None, data: dict[str, Any], announce: bool = False)
 
 
 def _labelled(label: str, style: str, message: str) -> Text:
-    """``label message`` with only our label styled."""
-    return Text.assemble((label, style), " ", message)
+    """``label message`` with only our label styled (``message`` shown as plain text)."""
+    return Text.assemble((label, style), " ", printable(message))
 
 
 @app.command()
@@ -257,7 +268,7 @@ def bench(
         dsq_file, batches, runs=runs, threads=threads, memory=memory,
         backends=[b for b in BACKENDS if onnx or b != "onnxruntime"],
         autotune=autotune, memory_budget=memory_budget or None,
-        progress=lambda msg: err_console.print(Text(msg, style="dim")),
+        progress=lambda msg: err_console.print(Text(printable(msg), style="dim")),
     )
     console.print(report.speed_table())
     console.print(report.memory_table())
@@ -314,8 +325,7 @@ def list_datasets(data_dir: DataDir = None) -> None:
 def one_line(message: str) -> str:
     """``message`` as one printable line: lines joined, control characters escaped (a path or
     a field from a file can hold any character), cut at ``MAX_ERROR_CHARS``."""
-    text = " ".join(part.strip() for part in message.splitlines() if part.strip())
-    text = "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
+    text = printable(" ".join(part.strip() for part in message.splitlines() if part.strip()))
     return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 3] + "..."
 
 

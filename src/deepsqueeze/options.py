@@ -31,6 +31,15 @@ def short_repr(value: Any) -> str:
         return f"a {type(value).__name__}"
 
 
+def printable(text: str) -> str:
+    """``text`` with every non-printable character but newline escaped (``\\x1b``): a name or
+    path from a file can hold terminal escape sequences or bidi overrides that would forge what
+    the terminal shows."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() or ch == "\n" else ascii(ch)[1:-1] for ch in text)
+
+
 def describe_validation_error(exc: ValidationError, *, options: bool = True) -> str:
     """One line naming every wrong field (with ``options``: also as its ``--option``), its rule
     and the value given."""
@@ -69,4 +78,4 @@ def check_float(name: str, value: Any, low: float, high: float) -> float:
     return value
 
 
-__all__ = ["check_float", "check_int", "describe_validation_error", "short_repr"]
+__all__ = ["check_float", "check_int", "describe_validation_error", "printable", "short_repr"]
