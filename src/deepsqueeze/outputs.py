@@ -78,8 +78,9 @@ def _stat(path: Path, option: str) -> os.stat_result | None:
         return path.stat()
     except (FileNotFoundError, NotADirectoryError):
         return None
-    except OSError as exc:
-        raise OutputPathError(f"{option} {path}: cannot use it ({exc.strerror})") from exc
+    except (OSError, ValueError) as exc:  # ValueError: an embedded NUL byte
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise OutputPathError(f"{option} {path}: cannot use it ({reason})") from exc
 
 
 def check_output_file(
