@@ -139,7 +139,10 @@ def fused_key(layer_keys: list[str | None], relus: list[bool], flatten: bool) ->
 
 
 def _time(value: Any) -> bool:
-    return (type(value) in (int, float) and math.isfinite(value) and value >= 0)
+    """A finite, non-negative time (a JSON integer too large for a float is not one)."""
+    if type(value) is int:
+        return 0 <= value < 2**53
+    return type(value) is float and math.isfinite(value) and value >= 0
 
 
 def valid_entry(key: Any, entry: Any) -> bool:
