@@ -37,6 +37,8 @@ MAX_ELEMENTS = 1 << 28
 MAX_EXPANSION = 4096
 """Most declared elements per byte of file (above a floor of ``2**22`` elements, 16 MiB)."""
 MAX_RANK = 8
+MAX_COUNT = (1 << 63) - 1
+"""Largest count a manifest may state (``dense_parameters``): it must fit an int64."""
 
 Source = str | Path | bytes | bytearray | memoryview
 """A .dsq file: its path, or its bytes."""
@@ -215,9 +217,9 @@ def _tensor_entries(dsq: DsqFile) -> list[dict[str, Any]]:
     if not isinstance(params, list) or not all(isinstance(n, str) for n in params):
         raise DsqFormatError("manifest 'parameters' must be a list of strings")
     dense = meta.get("dense_parameters", 0)
-    if type(dense) is not int or dense < 0:
+    if type(dense) is not int or not 0 <= dense <= MAX_COUNT:
         raise DsqFormatError(
-            f"manifest 'dense_parameters' must be a non-negative integer, found {dense!r:.80}"
+            f"manifest 'dense_parameters' must be an integer in 0..2**63-1, found {dense!r:.80}"
         )
     seen: set[str] = set()
     total = 0

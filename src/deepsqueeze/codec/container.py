@@ -14,8 +14,9 @@ Byte layout (the full spec is docs/format.md)::
 
 All integers little-endian. The reader trusts nothing: sizes are checked against the file before
 anything is allocated or inflated, the manifest is inflated with a bounded output, the JSON is
-depth-checked before parsing, and every section's CRC-32 is verified. Any defect raises
-:class:`DsqFormatError` naming it.
+scanned in linear time (nesting depth, number of values) and refused before parsing when what
+parsing would allocate is out of proportion to the file, and every section's CRC-32 is verified.
+Any defect raises :class:`DsqFormatError` naming it.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import struct
 import zlib
 from collections.abc import Mapping
@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from deepsqueeze.errors import DsqFormatError
+from deepsqueeze.inputs import NotReadable, open_input
 
 MAGIC = b"\x89DSQ\r\n\x1a\n"
 VERSION = (1, 0)
@@ -45,10 +46,17 @@ KNOWN_FLAGS = FLAG_DEFLATE
 DEFAULT_MAX_FILE_SIZE = 2 << 30  # 2 GiB
 MAX_MANIFEST_SIZE = 16 << 20  # 16 MiB, stored and inflated
 MAX_JSON_DEPTH = 64  # the top-level object is depth 1
+MANIFEST_BUDGET_FLOOR = 6 << 20
+"""Parse cost (:func:`manifest_cost`) any file's manifest may have; resnet56 needs 2.4 MiB."""
+MANIFEST_BUDGET_PER_BYTE = 8
+"""Further parse cost allowed per byte of file, above the floor."""
+MANIFEST_BYTE_COST = 8  # the decoded text and the parsed strings: at most 4 bytes a character each
+MANIFEST_VALUE_COST = 64  # one JSON value or key: its object, its slot, dict and memo overhead
 MAX_NAME_LENGTH = 256
 _SECTION_KEYS = ("name", "offset", "length", "crc32")
 _TOP_KEYS = ("sections", "meta")
 _INT_MIN, _INT_MAX = -(1 << 63), (1 << 64) - 1
+_INT_DIGITS = len(str(_INT_MIN))  # the longest integer literal a manifest may hold (20)
 
 SectionData = bytes | bytearray | memoryview | np.ndarray
 
@@ -77,18 +85,81 @@ class DsqFile:
 
 # --------------------------------------------------------------------------- JSON helpers
 
-# A JSON string literal (unrolled form: linear time, no nested quantifier backtracking).
-_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_SCAN_CHUNK = 1 << 14  # bytes per step of the scan: its temporaries stay under 1 MiB
+_QUOTE, _BACKSLASH = ord('"'), ord("\\")
+_NEST = np.zeros(256, dtype=np.int8)  # +1 opens an array/object, -1 closes one
+_NEST[[ord("["), ord("{")]] = 1
+_NEST[[ord("]"), ord("}")]] = -1
+_SEPARATOR = np.zeros(256, dtype=bool)
+_SEPARATOR[[ord(","), ord(":")]] = True
 
 
-def _json_depth(text: bytes) -> int:
-    """Deepest array/object nesting in JSON ``text`` (strings skipped), without parsing."""
-    a = np.frombuffer(_JSON_STRING.sub(b"", text), dtype=np.uint8)
-    if a.size == 0:
-        return 0
-    step = ((a == ord("[")) | (a == ord("{"))).astype(np.int32)
-    step -= ((a == ord("]")) | (a == ord("}"))).astype(np.int32)
-    return int(np.cumsum(step).max())
+@dataclass(frozen=True)
+class JsonShape:
+    """What :func:`json_shape` finds in JSON text, without parsing it."""
+
+    depth: int
+    """Deepest array/object nesting (the top-level container is depth 1)."""
+    values: int
+    """Upper bound on the values and keys parsing creates: 1 + separators and openings + strings."""
+
+
+def json_shape(text: bytes | bytearray | memoryview) -> JsonShape:
+    """Nesting depth and value count of JSON ``text``, strings skipped, without parsing.
+
+    Linear time and memory of a fixed size (the text is scanned in chunks), whatever the text:
+    a quote preceded by an odd run of backslashes is escaped, the others open and close
+    strings, and brackets and separators count only outside strings. On invalid JSON the
+    counts are those of the prefix a parser reads before it fails, or larger.
+    """
+    buf = np.frombuffer(text, dtype=np.uint8)
+    depth = max_depth = 0
+    values = 1
+    quotes = 0
+    inside = 0  # 1 while the scan is inside a string
+    run = 0  # backslashes at the end of the previous chunk
+    for start in range(0, buf.size, _SCAN_CHUNK):
+        a = buf[start : start + _SCAN_CHUNK]
+        idx = np.arange(a.size, dtype=np.int32)
+        backslash = a == _BACKSLASH
+        # index of the last non-backslash at or before each position (a run carried over
+        # from the previous chunk counts as starting before this one)
+        last = np.maximum.accumulate(np.where(backslash, np.int32(-1 - run), idx))
+        before = np.empty_like(last)
+        before[0] = -1 - run
+        before[1:] = last[:-1]
+        quote = (a == _QUOTE) & (((idx - 1 - before) & 1) == 0)
+        toggles = np.cumsum(quote, dtype=np.int32)
+        outside = (((toggles - quote + inside) & 1) == 0) & ~quote
+        step = np.where(outside, _NEST[a], np.int8(0))
+        profile = np.cumsum(step, dtype=np.int32) + depth
+        max_depth = max(max_depth, int(profile.max()))
+        depth = int(profile[-1])
+        values += int(np.count_nonzero(step > 0)) + int(np.count_nonzero(outside & _SEPARATOR[a]))
+        quotes += int(toggles[-1])
+        inside = (inside + int(toggles[-1])) & 1
+        run = int(a.size - 1 - last[-1])
+    return JsonShape(depth=max_depth, values=values + (quotes + 1) // 2)
+
+
+def manifest_cost(size: int, values: int) -> int:
+    """Bytes that parsing a manifest of ``size`` bytes holding ``values`` values may allocate.
+
+    An upper bound measured on the costliest JSON per byte (``[{},{},...]``, many distinct
+    keys, astral-plane strings, 20-digit integers): the decoded text and the parsed strings
+    take at most 8 bytes per manifest byte, each value or key at most 64 more.
+    """
+    return MANIFEST_BYTE_COST * size + MANIFEST_VALUE_COST * values
+
+
+def manifest_budget(file_size: int) -> int:
+    """The parse cost (:func:`manifest_cost`) the manifest of a ``file_size``-byte file may have.
+
+    A fixed floor every file gets, plus a share proportional to the file: a small forged
+    file cannot make the reader allocate much more than its size (a 16 KB file whose manifest
+    inflates to 16 MiB of ``[{},{},...]`` once cost 960 MiB to refuse).
+    """
+    return MANIFEST_BUDGET_FLOOR + MANIFEST_BUDGET_PER_BYTE * file_size
 
 
 class _DuplicateKey(Exception):
@@ -202,7 +273,7 @@ def _build(meta: dict[str, Any], sections: Mapping[str, SectionData]) -> tuple[b
         raise ValueError(f"meta or a section name is not valid Unicode text: {exc}") from exc
     if len(raw) > MAX_MANIFEST_SIZE:
         raise ValueError(f"manifest is {len(raw)} bytes, over the {MAX_MANIFEST_SIZE} limit")
-    if _json_depth(raw) > MAX_JSON_DEPTH:
+    if json_shape(raw).depth > MAX_JSON_DEPTH:
         raise ValueError(f"manifest nests deeper than {MAX_JSON_DEPTH} levels")
     packer = zlib.compressobj(9, zlib.DEFLATED, -15, 9)
     deflated = packer.compress(raw) + packer.flush()
@@ -251,21 +322,24 @@ def read_dsq(
     """Read and fully verify a .dsq file from a path or from its bytes.
 
     Raises :class:`DsqFormatError` for any malformed input, a file over ``max_size`` bytes, or
-    a path that cannot be read.
+    a path that cannot be read or is not a regular file (a FIFO, a directory, a device).
     """
     if isinstance(source, (bytes, bytearray, memoryview)):
         return parse_dsq(source, max_size=max_size)
     path = Path(source)
     try:
-        with open(path, "rb") as handle:
+        # only a regular file (a FIFO would block, a device never end); read(n) allocates n
+        # bytes up front, so ask for what fstat says is there (+1 to see a file that grew
+        # meanwhile; parse_dsq re-checks the limit)
+        with open_input(path) as handle:
             size = os.fstat(handle.fileno()).st_size
             if size > max_size:
                 raise DsqFormatError(
                     f"{path}: file is {size} bytes, over the {max_size}-byte limit"
                 )
-            # read(n) allocates n bytes up front: ask for what fstat says is there (+1 to
-            # see a file that grew meanwhile; parse_dsq re-checks the limit)
             data = handle.read(size + 1)
+    except NotReadable as exc:
+        raise DsqFormatError(f"{path}: cannot read: {exc}") from None
     except OSError as exc:
         raise DsqFormatError(f"{path}: cannot read: {exc.strerror or exc}") from exc
     try:
@@ -302,6 +376,11 @@ def parse_dsq(
         raise DsqFormatError(
             f"manifest length {max(stored_len, raw_len)} is over the {MAX_MANIFEST_SIZE} limit"
         )
+    if MANIFEST_BYTE_COST * raw_len > manifest_budget(size):
+        raise DsqFormatError(
+            f"manifest length {raw_len} is out of proportion to the {size}-byte file (at most "
+            f"{manifest_budget(size) // MANIFEST_BYTE_COST} bytes for a file of this size)"
+        )
     data_start = HEADER_SIZE + stored_len
     if data_start > size:
         raise DsqFormatError(
@@ -318,7 +397,7 @@ def parse_dsq(
             f"header/manifest checksum mismatch: expected crc32 {crc:08x}, found {found:08x}"
         )
     raw = _inflate(stored, raw_len) if flags & FLAG_DEFLATE else bytes(stored)
-    manifest = _parse_manifest(raw)
+    manifest = _parse_manifest(raw, size)
     table = _check_manifest(manifest, strict=minor == 0)
     data_len = size - data_start
     sections: dict[str, bytes] = {}
@@ -372,10 +451,29 @@ def _inflate(stored: memoryview, raw_len: int) -> bytes:
     return raw
 
 
-def _parse_manifest(raw: bytes) -> Any:
-    depth = _json_depth(raw)
-    if depth > MAX_JSON_DEPTH:
-        raise DsqFormatError(f"manifest JSON nests {depth} levels, over the {MAX_JSON_DEPTH} limit")
+def _bounded_int(text: str) -> int:
+    """An integer literal of the manifest: 64-bit, as the writer allows (checked before
+    converting, so a 4,000-digit literal costs nothing)."""
+    if len(text) > _INT_DIGITS or not _INT_MIN <= (value := int(text)) <= _INT_MAX:
+        shown = text if len(text) <= 24 else f"{text[:24]}... ({len(text)} digits)"
+        raise ValueError(f"integer {shown} does not fit 64 bits")
+    return value
+
+
+def _parse_manifest(raw: bytes, file_size: int) -> Any:
+    """Parse the manifest JSON after checking, on the text, its depth and what parsing costs."""
+    shape = json_shape(raw)
+    if shape.depth > MAX_JSON_DEPTH:
+        raise DsqFormatError(
+            f"manifest JSON nests {shape.depth} levels, over the {MAX_JSON_DEPTH} limit"
+        )
+    cost, budget = manifest_cost(len(raw), shape.values), manifest_budget(file_size)
+    if cost > budget:
+        raise DsqFormatError(
+            f"manifest holds {shape.values} JSON values in {len(raw)} bytes, out of proportion "
+            f"to the {file_size}-byte file (parsing would take {cost >> 20} MiB, the limit for "
+            f"a file of this size is {budget >> 20} MiB)"
+        )
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -385,6 +483,7 @@ def _parse_manifest(raw: bytes) -> Any:
             text,
             object_pairs_hook=_no_duplicates,
             parse_float=_finite_float,
+            parse_int=_bounded_int,
             parse_constant=_no_constant,
         )
     except _DuplicateKey as exc:

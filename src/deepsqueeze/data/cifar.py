@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from deepsqueeze.errors import DatasetCorruptError
+from deepsqueeze.inputs import NotReadable, open_input, read_input
 
 try:  # numpy >= 2
     from numpy._core import multiarray as _multiarray
@@ -28,6 +29,8 @@ except ImportError:  # pragma: no cover - numpy 1.26
     from numpy.core import numeric as _numeric  # type: ignore[no-redef]
 
 PIXELS = 3 * 32 * 32
+MAX_BATCH_BYTES = 1 << 30
+"""Most bytes a batch file may have (CIFAR-100's train batch, the largest, is 155 MB)."""
 
 
 def _latin1_encode(text: str, encoding: str = "utf-8", errors: str = "strict") -> bytes:
@@ -112,9 +115,9 @@ def read_batches(paths: Sequence[Path], label_key: str) -> tuple[np.ndarray, np.
     parts = []
     for path in paths:
         try:
-            raw = path.read_bytes()
-        except OSError as exc:
-            raise DatasetCorruptError(f"cannot read {path}: {exc}") from exc
+            raw = read_input(path, MAX_BATCH_BYTES)
+        except (NotReadable, OSError) as exc:
+            raise DatasetCorruptError(f"cannot read {path}: {exc}") from None
         parts.append(load_batch(raw, str(path), label_key))
     return _concat(parts)
 
@@ -127,7 +130,11 @@ def read_archive_members(archive: Path, names: Sequence[str]) -> dict[str, bytes
     wanted = set(names)
     found: dict[str, bytes] = {}
     try:
-        with tarfile.open(archive, "r:gz") as tar:
+        handle = open_input(archive)
+    except NotReadable as exc:
+        raise DatasetCorruptError(f"cannot read {archive}: {exc}") from None
+    try:
+        with handle, tarfile.open(fileobj=handle, mode="r:gz") as tar:
             for member in tar:
                 name = member.name.removeprefix("./")
                 if name not in wanted or name in found:
@@ -135,7 +142,12 @@ def read_archive_members(archive: Path, names: Sequence[str]) -> dict[str, bytes
                 f = tar.extractfile(member) if member.isfile() else None
                 if f is None:
                     raise DatasetCorruptError(f"{archive}: member {name} is not a regular file")
-                found[name] = f.read()
+                if member.size > MAX_BATCH_BYTES:
+                    raise DatasetCorruptError(
+                        f"{archive}: member {name} claims {member.size:,} bytes, more than any "
+                        f"CIFAR batch ({MAX_BATCH_BYTES:,} at most)"
+                    )
+                found[name] = f.read(member.size)
                 if len(found) == len(wanted):
                     break
     except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:

@@ -12,9 +12,9 @@ import torch
 from deepsqueeze.errors import DataError, DatasetCorruptError, DatasetNotFoundError
 
 from . import cifar
-from .checksum import forget_verified, is_verified, mark_verified, md5_file, verify
+from .checksum import forget_verified, is_verified, mark_verified, md5_file, verify, verify_file
 from .download import DownloadError, download_files
-from .idx import decompress, parse_idx, read_bytes
+from .idx import MAX_PAYLOAD, decompress, parse_idx, read_bytes
 from .registry import DatasetInfo, FileSpec, check_split, get_info
 from .search import Located, find_split, locate, not_found_message, user_cache_dir
 
@@ -87,10 +87,12 @@ class ImageDataset:
 
 
 def _read_idx_file(path: Path, spec: FileSpec) -> np.ndarray:
-    raw = read_bytes(path)
-    payload = decompress(raw, path)
-    verify(path, spec, raw, payload)
-    return parse_idx(payload, path)
+    """Read, verify (before decompressing, see ``verify_file``) and parse one IDX file; what
+    is read and decompressed is capped by the known size of the real contents."""
+    limit = spec.payload_size or MAX_PAYLOAD
+    raw = read_bytes(path, limit + limit // 64 + (64 << 10))  # gzip of random data is larger
+    verify_file(path, spec, raw)
+    return parse_idx(decompress(raw, path, limit), path)
 
 
 def _load_idx(info: DatasetInfo, where: Located) -> tuple[np.ndarray, np.ndarray]:

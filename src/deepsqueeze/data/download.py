@@ -20,8 +20,7 @@ from rich.progress import (
 
 from deepsqueeze.errors import DataError
 
-from .checksum import mark_verified, verify
-from .idx import decompress
+from .checksum import mark_verified, verify_file
 from .registry import FileSpec
 
 TIMEOUT_S = 30.0
@@ -85,7 +84,7 @@ def download_file(spec: FileSpec, mirrors: Sequence[str], dest_dir: Path) -> Pat
         try:
             _fetch(url, tmp)
             raw = tmp.read_bytes()
-            verify(tmp, spec, raw, decompress(raw, url), strict=True)
+            verify_file(tmp, spec, raw, strict=True)
             os.replace(tmp, final)
             mark_verified(final, spec)
             return final

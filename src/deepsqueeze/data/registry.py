@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from deepsqueeze.errors import DataError
@@ -15,12 +16,15 @@ class FileSpec:
 
     ``md5`` is the canonical MD5 of the file as served (e.g. the ``.gz``). ``payload_md5`` is
     the MD5 of the decompressed contents, for files that may be re-compressed or stored
-    decompressed (``None`` where it is not known).
+    decompressed (``None`` where it is not known). ``payload_size`` is the size of the
+    decompressed contents in bytes (``None`` where it is not known): reading a file never
+    decompresses more than that.
     """
 
     filename: str
     md5: str
     payload_md5: str | None = None
+    payload_size: int | None = None
 
     @property
     def stem(self) -> str:
@@ -69,6 +73,11 @@ def check_split(split: str) -> None:
         raise DataError(f"unknown split {split!r}; use one of: {', '.join(SPLITS)}")
 
 
+def _idx_bytes(*dims: int) -> int:
+    """Size of an IDX file of uint8 elements with dimensions ``dims``."""
+    return 4 + 4 * len(dims) + math.prod(dims)
+
+
 def _idx(
     name: str,
     mean: float,
@@ -83,7 +92,12 @@ def _idx(
     labels, in that order.
     """
     names = ("train-images-idx3", "train-labels-idx1", "t10k-images-idx3", "t10k-labels-idx1")
-    specs = [FileSpec(f"{n}-ubyte.gz", *s) for n, s in zip(names, sums, strict=True)]
+    sizes = (_idx_bytes(60_000, 28, 28), _idx_bytes(60_000), _idx_bytes(10_000, 28, 28),
+             _idx_bytes(10_000))
+    specs = [
+        FileSpec(f"{n}-ubyte.gz", *s, payload_size=size)
+        for n, s, size in zip(names, sums, sizes, strict=True)
+    ]
     return DatasetInfo(
         name=name,
         num_classes=10,

@@ -7,6 +7,12 @@ architecture can be rebuilt later from a checkpoint or a compressed file::
     model = create("lenet5", in_channels=3, input_size=32)
     spec = spec_of(model)                      # ModelSpec(name="lenet5", kwargs={...})
     twin = create(spec.name, **spec.kwargs)    # same architecture
+
+Specs come from files (``model.pt``, ``.dsq``), so every option that sizes work or memory is
+bounded before anything is built: the options in :data:`OPTION_LIMITS` (and any a model
+registers with ``limits=``) must be > 0 and at most their limit, and the input a model is built
+for may have at most :data:`MAX_INPUT_ELEMENTS` elements per sample (export and benchmarks run
+real inputs of that shape).
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ from torch import nn
 from deepsqueeze.errors import ModelError
 
 __all__ = [
+    "MAX_INPUT_ELEMENTS",
+    "OPTION_LIMITS",
     "SPEC_ATTR",
     "ModelInfo",
     "ModelSpec",
@@ -41,6 +49,22 @@ SPEC_ATTR = "deepsqueeze_spec"
 """Name of the attribute :func:`create` sets on every model it returns."""
 
 Factory = TypeVar("Factory", bound=Callable[..., nn.Module])
+
+MAX_INPUT_SIZE = 256
+MAX_INPUT_ELEMENTS = 3 * MAX_INPUT_SIZE * MAX_INPUT_SIZE
+"""Most input elements per sample (C×H×W) a model may be built for: 3×256×256. Export and the
+benchmarks run real inputs of the model's shape; a resnet56 built for 512×512 already takes
+6.5 s and 1.4 GB to export, for 2000×2000 46 s and 6 GB."""
+
+OPTION_LIMITS: dict[str, int | float] = {
+    "num_classes": 100_000,
+    "in_channels": 256,
+    "input_size": MAX_INPUT_SIZE,
+    "in_features": MAX_INPUT_ELEMENTS,
+    "width_mult": 4.0,
+}
+"""Upper limits of the options that size a model, for every model that has them (each must
+also be > 0). A model registers limits for its own options with ``register_model(limits=)``."""
 
 
 @dataclass(frozen=True)
@@ -90,6 +114,8 @@ class ModelInfo:
     input_shape: tuple[int, int, int]
     """Default input shape (C, H, W), for the default options."""
     default_kwargs: dict[str, Any]
+    limits: dict[str, int | float] = field(default_factory=dict)
+    """Upper limits of the options that size the model (each must also be > 0)."""
 
 
 @dataclass(frozen=True)
@@ -104,18 +130,27 @@ _REGISTRY: dict[str, _Entry] = {}
 
 
 def register_model(
-    name: str, *, input_shape: tuple[int, int, int], description: str
+    name: str,
+    *,
+    input_shape: tuple[int, int, int],
+    description: str,
+    limits: dict[str, int | float] | None = None,
 ) -> Callable[[Factory], Factory]:
     """Decorator registering a model factory under ``name``.
 
     The factory must take only keyword-capable options, each with a JSON-able default
-    (int, float, str, bool, None or list), and return an ``nn.Module``.
+    (int, float, str, bool, None or list), and return an ``nn.Module``. ``limits`` bounds
+    options that size the model beyond :data:`OPTION_LIMITS` (``{"hidden": 4096}``): such an
+    option must be a number > 0 and at most its limit, checked before the factory runs.
     """
     if not isinstance(name, str) or not name or name != name.strip():
         raise ModelError(f"model name must be a non-empty string without spaces, got {name!r}")
     shape = tuple(input_shape)
     if len(shape) != 3 or not all(isinstance(v, int) and v > 0 for v in shape):
         raise ModelError(f"input_shape of model {name!r} must be (C, H, W) ints > 0, got {shape}")
+    own = dict(limits or {})
+    if not all(isinstance(v, (int, float)) and v > 0 for v in own.values()):
+        raise ModelError(f"limits of model {name!r} must be numbers > 0, got {own}")
 
     def decorator(factory: Factory) -> Factory:
         sig = inspect.signature(factory)
@@ -134,8 +169,16 @@ def register_model(
                 f"model {name!r} is already registered by {_qualname(old.factory)}; "
                 f"cannot register {_qualname(factory)} under the same name"
             )
+        bounded = {**OPTION_LIMITS, **own}
+        unknown = sorted(set(own) - set(defaults))
+        if unknown:
+            raise ModelError(f"limits of model {name!r} name no option of it: {unknown}")
         info = ModelInfo(
-            name=name, description=description, input_shape=shape, default_kwargs=defaults
+            name=name,
+            description=description,
+            input_shape=shape,
+            default_kwargs=defaults,
+            limits={k: v for k, v in bounded.items() if k in defaults},
         )
         _REGISTRY[name] = _Entry(info, factory, sig, typing.get_type_hints(factory))
         return factory
@@ -151,7 +194,10 @@ def list_models() -> list[str]:
 def model_info(name: str) -> ModelInfo:
     """Registry entry of model ``name``; raises ModelError for an unknown name."""
     info = _entry(name).info
-    return ModelInfo(info.name, info.description, info.input_shape, dict(info.default_kwargs))
+    return ModelInfo(
+        info.name, info.description, info.input_shape, dict(info.default_kwargs),
+        dict(info.limits),
+    )
 
 
 def create(name: str, **kwargs: Any) -> nn.Module:
@@ -169,6 +215,15 @@ def create(name: str, **kwargs: Any) -> nn.Module:
     resolved = dict(entry.info.default_kwargs)
     for key, value in kwargs.items():
         resolved[key] = _check_option(name, key, value, entry.hints.get(key))
+    for key, limit in entry.info.limits.items():
+        _check_limit(name, key, resolved[key], limit)
+    shape = _input_shape(entry, resolved)
+    if math.prod(shape) > MAX_INPUT_ELEMENTS:
+        raise ModelError(
+            f"model {name!r} with options {_short(resolved)} takes inputs of shape "
+            f"{'×'.join(map(str, shape))} = {math.prod(shape):,} elements per sample, over the "
+            f"limit of {MAX_INPUT_ELEMENTS:,} (3×{MAX_INPUT_SIZE}×{MAX_INPUT_SIZE})"
+        )
     model = entry.factory(**resolved)
     if not isinstance(model, nn.Module):
         raise ModelError(f"factory of {name!r} returned {type(model).__name__}, not an nn.Module")
@@ -196,15 +251,7 @@ def input_shape_of(model: nn.Module) -> tuple[int, int, int]:
     models) gives (3, s, s), (1, s, s) or (1, 1, n), whichever fits first.
     """
     spec = spec_of(model)
-    c, h, w = _entry(spec.name).info.input_shape
-    kw = spec.kwargs
-    if "in_features" in kw and kw["in_features"] != c * h * w:
-        return _shape_for_features(int(kw["in_features"]))
-    if "in_channels" in kw:
-        c = int(kw["in_channels"])
-    if "input_size" in kw:
-        h = w = int(kw["input_size"])
-    return (c, h, w)
+    return _input_shape(_entry(spec.name), spec.kwargs)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -221,6 +268,31 @@ def _entry(name: str) -> _Entry:
         hint = f" Did you mean {lowered[close[0]]!r}?" if close else ""
         raise ModelError(f"unknown model {name!r}.{hint} Known models: {', '.join(known)}")
     return entry
+
+
+def _input_shape(entry: _Entry, kw: dict[str, Any]) -> tuple[int, int, int]:
+    """The (C, H, W) model ``entry`` built with options ``kw`` takes (see input_shape_of)."""
+    c, h, w = entry.info.input_shape
+    if "in_features" in kw and kw["in_features"] != c * h * w:
+        return _shape_for_features(int(kw["in_features"]))
+    if "in_channels" in kw:
+        c = int(kw["in_channels"])
+    if "input_size" in kw:
+        h = w = int(kw["input_size"])
+    return (c, h, w)
+
+
+def _check_limit(model: str, key: str, value: Any, limit: float) -> None:
+    """ModelError unless option ``key`` is a number > 0 and at most ``limit``."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or not 0 < value <= limit:
+        raise ModelError(
+            f"model {model!r} option {key!r} must be > 0 and at most {limit:,}, got {value!r:.40}"
+        )
+
+
+def _short(kwargs: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v!r:.20}" for k, v in kwargs.items())
 
 
 def _qualname(fn: Callable[..., Any]) -> str:
