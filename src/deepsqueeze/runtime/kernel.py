@@ -435,10 +435,8 @@ def _rmtree_at_exit(path: str) -> None:
     atexit.register(shutil.rmtree, path, True)
 
 
-def _compile(source: bytes, flag_sets: tuple[tuple[str, ...], ...], name: str,
-             keep: bool) -> tuple[bytes, Path]:
-    """Compile ``source`` in a private temp folder; (library bytes, its path). The folder is
-    removed now, or at exit when ``keep`` (the path then stays readable)."""
+def _compile(source: bytes, flag_sets: tuple[tuple[str, ...], ...]) -> bytes:
+    """Compile ``source`` in a private temp folder (removed after); the library's bytes."""
     cc = _compiler()
     if not cc:
         raise NoCompilerError("no C compiler (cc, gcc, clang or $CC) found")
@@ -446,7 +444,7 @@ def _compile(source: bytes, flag_sets: tuple[tuple[str, ...], ...], name: str,
     try:
         src = Path(tmp) / "dsqkernel.c"
         src.write_bytes(source)
-        out = Path(tmp) / name
+        out = Path(tmp) / "dsqkernel.so"
         errors = []
         for flags in flag_sets:
             try:
@@ -455,16 +453,27 @@ def _compile(source: bytes, flag_sets: tuple[tuple[str, ...], ...], name: str,
             except (OSError, subprocess.SubprocessError) as exc:
                 raise KernelUnavailable(f"running the C compiler {cc} failed: {exc}") from exc
             if proc.returncode == 0 and out.is_file():
-                data = out.read_bytes()
-                if keep:
-                    _rmtree_at_exit(tmp)
-                    tmp = ""
-                return data, out
+                return out.read_bytes()
             errors.append(proc.stderr.decode("utf-8", "replace").strip()[-500:])
         raise KernelUnavailable(f"compiling the C kernel with {cc} failed: {errors[-1]}")
     finally:
-        if tmp:
-            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _private_file(data: bytes, name: str) -> Path:
+    """``data`` as a 0600 file ``name`` in a fresh private (0700) temp folder removed at exit."""
+    tmp = tempfile.mkdtemp(prefix="dsqkernel-")
+    _rmtree_at_exit(tmp)
+    path = Path(tmp) / name
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0),
+                 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
+    return path
 
 
 def _dlopen(data: bytes, name: str, keep_file: bool) -> ctypes.CDLL:
@@ -484,26 +493,14 @@ def _dlopen(data: bytes, name: str, keep_file: bool) -> ctypes.CDLL:
         except OSError:
             if fd >= 0:
                 os.close(fd)
-    tmp = tempfile.mkdtemp(prefix="dsqkernel-load-")
+    path = _private_file(data, name)  # sanitizer reports symbolise from it: kept until exit
     try:
-        path = os.path.join(tmp, name)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0),
-                     0o600)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-        finally:
-            os.close(fd)
-        try:
-            return ctypes.CDLL(path)
-        except OSError as exc:
-            raise KernelUnavailable(f"loading the C kernel failed: {exc}") from exc
+        return ctypes.CDLL(str(path))
+    except OSError as exc:
+        raise KernelUnavailable(f"loading the C kernel failed: {exc}") from exc
     finally:
-        if keep_file:  # sanitizer reports symbolise from the file: keep it until exit
-            _rmtree_at_exit(tmp)
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+        if not keep_file:
+            shutil.rmtree(path.parent, ignore_errors=True)
 
 
 def _self_test(kernel: Kernel) -> None:
@@ -562,9 +559,11 @@ def load_kernel(cache: Path | None, *, sanitize: bool = False) -> Kernel:
             except (_Untrusted, KernelUnavailable) as exc:
                 _warn_once(f"entry:{cache / name}", f"cached C kernel {cache / name} {exc}: "
                            "not used; rebuilding it")
-        data, built = _compile(source, flag_sets, name, keep=True)
-        path = cache / name if dfd is not None and cache is not None and _store(
-            dfd, name, data, cache) else built
+        data = _compile(source, flag_sets)
+        if dfd is not None and cache is not None and _store(dfd, name, data, cache):
+            path = cache / name
+        else:  # not cached: a private copy, so that Kernel.path is still the library's file
+            path = _private_file(data, name)
         return _open(data, path, sanitize)
     finally:
         if dfd is not None:

@@ -110,10 +110,13 @@ class RuntimeLayer(nn.Module):
             x = as_input(x, self.who())
         shape = x.shape
         if not shape or shape[-1] != cols:
-            raise RuntimeInputError(
-                f"{self.who()}: expected an input of shape [..., {cols}] ({cols} features), got "
-                f"{list(shape)}")
+            raise self.wrong_features(shape, cols)
         return x
+
+    def wrong_features(self, shape: Any, cols: int) -> RuntimeInputError:
+        """The error for an input of ``shape`` where ``[..., cols]`` is expected."""
+        return RuntimeInputError(f"{self.who()}: expected an input of shape [..., {cols}] "
+                                 f"({cols} features), got {list(shape)}")
 
     def extra_bytes(self) -> int:
         """Bytes held outside registered buffers (scipy arrays, sparse tensors)."""
@@ -265,7 +268,7 @@ class KernelLinear(_CompactMixin, RuntimeLayer):
             x = as_input(x, self.who())
         shape = x.shape
         if not shape or shape[-1] != self.cols:
-            return self.linear_input(x, self.cols)  # raises the shape error
+            raise self.wrong_features(shape, self.cols)
         y = torch.empty(*shape[:-1], self.rows)
         m = x.numel()
         if m:
@@ -403,6 +406,12 @@ class ConvGeometry:
     padding: tuple[int, int]
     dilation: tuple[int, int]
     groups: int
+
+    def __post_init__(self) -> None:
+        positive = (self.in_channels, self.out_channels, self.groups, *self.kernel_size,
+                    *self.stride, *self.dilation)
+        if min(positive) < 1 or min(self.padding) < 0 or self.in_channels % self.groups:
+            raise DsqFormatError(f"convolution geometry {self} is not valid")
 
     @classmethod
     def of(cls, conv: nn.Conv2d) -> ConvGeometry:
