@@ -19,8 +19,10 @@ Each file is loaded densely (``dsq.load``: the oracle) and as runtime *variants*
 (``load_runtime``): untimed with fuse on/off at every memory budget (0.5, 1, 1.5, 2, none), every
 executor the registry offers forced on every layer that offers it (the kernel ones fused and
 unfused), random per-layer mixes, and an autotuned load (1 timing round, a private cache)
-followed by a second load from that cache. Every variant is called on every input, and each
-(file, variant, input) call is one *execution*:
+followed by a load from that cache and one from the cache damaged in one of 20 ways (NaN,
+negative, string or 10**400 times, wrong types, truncation, garbage, 100,000-deep nesting...).
+Every variant is called on every input, and each (file, variant, input) call is one
+*execution*:
 
 - **right** inputs (float32 CPU tensors of the model's input shape; batch 0-65; magnitudes from
   1e-30 to 1e12; zeros, sparse, negative; contiguous, strided, transposed, channels-last,
@@ -32,14 +34,16 @@ followed by a second load from that cache. Every variant is called on every inpu
   wrong flattened length, empty dimensions, int / bool / float16 / bfloat16 / float64, the meta
   device, NaN/Inf, a numpy array, a list) are judged by the dense model: where it raises, the
   runtime must raise a *clean* exception (``DeepSqueezeError``, ``RuntimeError`` but not
-  ``RecursionError``, ``ValueError``, ``TypeError``); an input differing only in dtype may instead
-  give the dense output of ``x.float()``; where the dense model accepts the input, the runtime
-  must give the same output or a clean exception. NaN/Inf inputs only need a result of the right
-  shape (skipping a pruned weight legitimately skips ``0 * NaN``).
+  ``RecursionError``, ``ValueError``, ``TypeError``, or the very type the dense model raised:
+  torch itself raises ``IndexError`` for a dimension out of range); an input differing only in
+  dtype may instead give the dense output of ``x.float()``; where the dense model accepts the
+  input, the runtime must give the same output or a clean exception. NaN/Inf inputs only need a
+  result of the right shape (skipping a pruned weight legitimately skips ``0 * NaN``).
 
-Never allowed: a crash (signal, abort, sanitizer report), a hang, any other exception type, a
-changed input tensor, a runtime load failing on a file the dense loader reads (a clean refusal is
-accepted for the re-encoded >65,536-entry codebooks only).
+Never allowed: a crash (signal, abort, sanitizer report), a hang (a load over 120 s or a call
+over 60 s), any other exception type, a changed input tensor, a runtime load failing on a file
+the dense loader reads (a clean refusal is accepted for the re-encoded >65,536-entry codebooks
+only), a load failing on a damaged autotune cache (bad entries must be dropped).
 
 Files are generated and executed in worker subprocesses (a batch of files each), so a crash is
 caught and reported with its reproducer: ``--replay FILE_SEED`` reruns one file in this process
@@ -126,21 +130,21 @@ def _model_options(rng: np.random.Generator) -> tuple[str, dict[str, Any]]:
     """A zoo model name and small random options."""
     classes = int(rng.choice([1, 2, 3, 10, 12]))
     pick = rng.random()
-    if pick < 0.38:
+    if pick < 0.42:
         feats = int(rng.choice([1, 4, 12, 48, 49, 50, 64, 196, 300, 784]))
         return "lenet300", {"num_classes": classes, "in_features": feats}
-    if pick < 0.62:
+    if pick < 0.66:
         return "lenet5", {"num_classes": classes, "in_channels": int(rng.integers(1, 4)),
                           "input_size": int(rng.integers(16, 23))}
-    if pick < 0.82:
+    if pick < 0.86:
         return "lenet5-classic", {"num_classes": classes, "in_channels": int(rng.integers(1, 4)),
                                   "input_size": int(rng.choice([12, 13, 16, 20, 32, 33]))}
-    if pick < 0.96:
+    if pick < 0.975:
         return "mobilenet-tiny", {"num_classes": classes, "in_channels": int(rng.integers(1, 4)),
                                   "width_mult": float(rng.choice([0.125, 0.25])),
                                   "input_size": int(rng.integers(3, 11))}
     return "resnet20", {"num_classes": classes, "in_channels": int(rng.integers(1, 4)),
-                        "input_size": int(rng.integers(3, 9))}
+                        "input_size": int(rng.integers(3, 7))}
 
 
 def _layer_names(model: nn.Module) -> list[str]:
@@ -521,6 +525,11 @@ def reference(dense: nn.Module, absolute: nn.Module, inp: Input) -> Reference:
     return Reference(out, None, bound)
 
 
+COMPARED: dict[str, Any] = {"outputs": 0, "unchecked": 0, "worst": 0.0}
+"""Outputs compared, outputs left unchecked (bound not finite or >= 1e30) and the largest
+error seen as a fraction of its tolerance (this process)."""
+
+
 def close(got: torch.Tensor, want: torch.Tensor, bound: torch.Tensor | None) -> str | None:
     """None when ``got`` matches ``want`` within the tolerance, else what differs."""
     if not isinstance(got, torch.Tensor):
@@ -539,6 +548,12 @@ def close(got: torch.Tensor, want: torch.Tensor, bound: torch.Tensor | None) -> 
     err = (g - d).abs()
     allowed = RTOL * b + RTOL * d.abs() + 1e-38
     bad = checked & (err > allowed)
+    n_checked = int(checked.sum())
+    COMPARED["outputs"] += n_checked
+    COMPARED["unchecked"] += checked.numel() - n_checked
+    if n_checked:
+        used = float((err[checked] / allowed[checked]).max())
+        COMPARED["worst"] = max(COMPARED["worst"], used)
     if bool(bad.any()):
         i = int(torch.nonzero(bad.view(-1))[0])
         return (f"{int(bad.sum())} of {bad.numel()} outputs differ; first: runtime "
@@ -739,14 +754,27 @@ class Tally:
     failure_count: int = 0
     failure_kinds: Counter = field(default_factory=Counter)
     printed_to_stderr: int = 0
+    printed_by: Counter = field(default_factory=Counter)
+    outputs_compared: int = 0
+    outputs_unchecked: int = 0
+    worst_error_vs_tolerance: list[float] = field(default_factory=list)
     corrupt_caches: Counter = field(default_factory=Counter)
     corrupt_cache_warned: int = 0
     seconds_by_model: Counter = field(default_factory=Counter)
     executions_by_model: Counter = field(default_factory=Counter)
 
+    signatures: Counter = field(default_factory=Counter)
+    first_of: dict[str, dict[str, Any]] = field(default_factory=dict)
+
     def fail(self, record: dict[str, Any]) -> None:
+        """Count a failure; keep the first ``MAX_FAILURES_KEPT`` and the first of each kind of
+        failure (its signature: kind, input, executors) with its reproducer."""
         self.failure_count += 1
         self.failure_kinds[record["kind"]] += 1
+        sig = " | ".join(str(x) for x in (record["kind"], record.get("input_label"),
+                                          record.get("family")))
+        self.signatures[sig] += 1
+        self.first_of.setdefault(sig, record)
         if len(self.failures) < MAX_FAILURES_KEPT:
             self.failures.append(record)
 
@@ -758,6 +786,11 @@ class Tally:
             mine = getattr(self, k)
             if isinstance(mine, Counter):
                 mine.update(v)
+            elif isinstance(mine, dict):
+                for key, value in v.items():
+                    mine.setdefault(key, value)
+            elif k == "worst_error_vs_tolerance":
+                mine[:] = [max([*mine, *v], default=0.0)]
             elif isinstance(mine, list):
                 mine.extend(v[: max(0, MAX_FAILURES_KEPT - len(mine))])
             else:
@@ -768,6 +801,17 @@ def _layer_impls(model: nn.Module) -> dict[str, list[str]]:
     from deepsqueeze.runtime import runtime_info
 
     return {c.layer: sorted(c.held_bytes) for c in runtime_info(model).layers}
+
+
+def _family(variant: dict[str, Any]) -> str:
+    """The executors a variant runs, in a word (for failure signatures)."""
+    if "impls" in variant:
+        kinds = sorted(set(variant["impls"].values()))
+        forced = kinds[0] if len(kinds) == 1 else "mix"
+        return f"impls={forced} fuse={variant.get('fuse')}"
+    if variant.get("autotune"):
+        return "autotuned" + (" (damaged cache)" if "cache_corruption" in variant else "")
+    return f"untimed fuse={variant.get('fuse')}"
 
 
 def _describe(opts: dict[str, Any]) -> str:
@@ -791,9 +835,13 @@ def run_file(seed: int, tally: Tally, verbose: bool = False, progress: bool = Fa
     if case is None:
         tally.files_refused += 1
         return
+    COMPARED.update(outputs=0, unchecked=0, worst=0.0)
     try:
         _run_case(case, tally, verbose, progress, only_variant, only_input)
     finally:
+        tally.outputs_compared += COMPARED["outputs"]
+        tally.outputs_unchecked += COMPARED["unchecked"]
+        tally.worst_error_vs_tolerance.append(COMPARED["worst"])
         tally.seconds_by_model[case.model] += time.perf_counter() - t0
         tally.executions_by_model[case.model] += tally.executions - done
 
@@ -818,7 +866,8 @@ def _run_case(case: FileCase, tally: Tally, verbose: bool, progress: bool,
 
     def record(kind: str, variant: int, inp: int | None, message: str, opts: dict) -> None:
         rec = {"kind": kind, "file_seed": seed, "variant": variant, "input": inp,
-               "options": _describe(opts), "model": case.model,
+               "options": _describe(opts), "family": _family(opts) if opts else "load",
+               "model": case.model,
                "input_label": None if inp is None else inputs[inp].label, "message": message,
                "edits": case.edits, "replay": _replay(seed, variant, inp)}
         tally.fail(rec)
@@ -895,6 +944,8 @@ def _run_case(case: FileCase, tally: Tally, verbose: bool, progress: bool,
                     problem = f"the call did not return in {CALL_DEADLINE_S} s"
                 tally.executions += 1
                 tally.printed_to_stderr += printed
+                if printed:
+                    tally.printed_by[f"{inp.label} | {_family(variant)}"] += 1
                 tally.by_kind[inp.kind] += 1
                 tally.outcomes[outcome] += 1
                 tally.impls.update(used)
@@ -967,13 +1018,15 @@ def _crash_record(seeds: list[int], lines: list[dict[str, Any]], proc_rc: int | 
                                                        for p in SANITIZER_PATTERNS.values())]
     summary = [ln for ln in stderr.splitlines() if ln.startswith("SUMMARY:")]
     seed = int(where[0]) if where else seeds[len([x for x in lines if "seed" in x])]
+    message = (summary or reports or stderr.strip().splitlines()[-1:] or ["?"])[0][:300]
     return {
         "kind": "crash" if proc_rc is not None else "hang",
         "file_seed": seed,
         "variant": None if len(where) < 2 else int(where[1]),
         "input": None if len(where) < 3 or where[2] == "load" else int(where[2]),
         "returncode": proc_rc,
-        "message": (summary or reports or stderr.strip().splitlines()[-1:] or ["?"])[0][:300],
+        "message": message,
+        "family": re.sub(r"0x[0-9a-f]+|==\d+==|\d+:\d+:", "", message)[:120],
         "stderr_tail": stderr[-3000:],
         "replay": _replay(seed, None if len(where) < 2 else int(where[1]),
                           None if len(where) < 3 or where[2] == "load" else int(where[2])),
@@ -992,7 +1045,9 @@ def fuzz(executions: int, seed: int, sanitize: bool, files_per_worker: int = FIL
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         while tally.executions < executions:
-            batch = [next(seeds) for _ in range(files_per_worker)]
+            per_file = tally.executions / tally.files if tally.files else 500.0
+            wanted = math.ceil((executions - tally.executions) / max(per_file, 1.0))
+            batch = [next(seeds) for _ in range(max(1, min(files_per_worker, wanted)))]
             out = Path(tmp) / f"w{batch[0]}.jsonl"
             cmd = [sys.executable, str(Path(__file__).resolve()), "--worker",
                    ",".join(map(str, batch)), "--worker-out", str(out),
@@ -1067,11 +1122,19 @@ def _results(tally: Tally, crashes: list[dict[str, Any]], reports: Counter,
         "models": d["models"],
         "executions_by_model": d["executions_by_model"],
         "seconds_by_model": {k: round(v, 1) for k, v in d["seconds_by_model"].items()},
+        "outputs_compared": d["outputs_compared"],
+        "outputs_unchecked_bound_overflow": d["outputs_unchecked"],
+        "worst_error_as_fraction_of_tolerance": max(d["worst_error_vs_tolerance"], default=0.0),
+        "tolerance": f"|runtime - dense| <= {RTOL:g} * bound + {RTOL:g} * |dense|",
         "executions_printing_to_stderr": d["printed_to_stderr"],
+        "printing_to_stderr_by_input": d["printed_by"],
         "weight_encodings": d["encodings"],
         "edits": d["edits"],
         "failures": d["failure_count"],
         "failure_kinds": d["failure_kinds"],
+        "failure_signatures": [
+            {"signature": sig, "count": n, "first": d["first_of"][sig]}
+            for sig, n in sorted(d["signatures"].items(), key=lambda kv: -kv[1])],
         "failure_examples": d["failures"],
         "crashes": len(crashes),
         "sanitizer_reports": dict(reports),
