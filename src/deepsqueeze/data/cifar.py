@@ -29,7 +29,7 @@ except ImportError:  # pragma: no cover - numpy 1.26
     from numpy.core import numeric as _numeric  # type: ignore[no-redef]
 
 PIXELS = 3 * 32 * 32
-MAX_BATCH_BYTES = 1 << 30
+MAX_BATCH_BYTES = 256 << 20
 """Most bytes a batch file may have (CIFAR-100's train batch, the largest, is 155 MB)."""
 
 

@@ -24,8 +24,9 @@ IDX_DTYPES: dict[int, np.dtype] = {
 _MAX_NDIM = 8
 
 
-MAX_PAYLOAD = 1 << 30
-"""Most bytes any dataset file may hold or decompress to (the largest known is 47 MB)."""
+MAX_PAYLOAD = 256 << 20
+"""Most bytes an IDX file may hold or decompress to when its size is not known (the largest
+known, MNIST's training images, is 47 MB)."""
 _INFLATE_STEP = 1 << 20  # output bytes per inflate call: a bomb is stopped within one step
 _FEED_STEP = 1 << 16  # input bytes per inflate call
 
