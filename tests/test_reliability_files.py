@@ -57,7 +57,7 @@ from deepsqueeze.errors import (
     ModelError,
 )
 from deepsqueeze.io import MAX_ARCHIVE_MEMBERS, load_model, safe_load, save_model
-from deepsqueeze.models.registry import MAX_INPUT_ELEMENTS, OPTION_LIMITS
+from deepsqueeze.models.registry import MAX_INPUT_ELEMENTS, MAX_PARAMETERS, OPTION_LIMITS
 from deepsqueeze.runtime.onnx_export import export_onnx
 
 from .conftest import DATA_DIR, needs_mnist
@@ -171,8 +171,11 @@ def test_every_sizing_option_of_the_zoo_is_bounded() -> None:
             top = {key: limit}
             if key == "in_channels" and "input_size" in info.default_kwargs:
                 top["input_size"] = 16  # 256 channels of 28×28 are over the input limit
-            with torch.device("meta"):
-                models.create(name, **top)
+            try:
+                with torch.device("meta"):
+                    models.create(name, **top)
+            except ModelError as exc:  # lenet5's fc1 at 256×256: too many parameters
+                assert "parameters, over the limit of 67,108,864" in str(exc)
 
 
 def test_input_elements_per_sample_are_bounded() -> None:
@@ -184,6 +187,19 @@ def test_input_elements_per_sample_are_bounded() -> None:
         models.create("resnet20", in_channels=4, input_size=256)
     with pytest.raises(ModelError, match="'in_features' must be > 0 and at most 196,608"):
         models.create("lenet300", in_features=MAX_INPUT_ELEMENTS + 1)
+
+
+def test_parameters_are_bounded() -> None:
+    """Options within their limits can still make a big model: lenet5's fc1 at 256×256."""
+    assert MAX_PARAMETERS == 1 << 26
+    with torch.device("meta"):
+        models.create("lenet5", input_size=200)  # 55M parameters
+    start = time.perf_counter()
+    with pytest.raises(ModelError, match=r"'lenet5' with options .*input_size=256 has "
+                                         r"93,056,080 parameters, over the limit"), \
+            torch.device("meta"):
+        models.create("lenet5", input_size=256)
+    assert time.perf_counter() - start < 1
 
 
 def test_registered_limits_are_enforced() -> None:

@@ -12,7 +12,8 @@ Specs come from files (``model.pt``, ``.dsq``), so every option that sizes work 
 bounded before anything is built: the options in :data:`OPTION_LIMITS` (and any a model
 registers with ``limits=``) must be > 0 and at most their limit, and the input a model is built
 for may have at most :data:`MAX_INPUT_ELEMENTS` elements per sample (export and benchmarks run
-real inputs of that shape).
+real inputs of that shape). A model may have at most :data:`MAX_PARAMETERS` parameters
+(counted after building; the readers build on the meta device, where that costs nothing).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from deepsqueeze.errors import ModelError
 
 __all__ = [
     "MAX_INPUT_ELEMENTS",
+    "MAX_PARAMETERS",
     "OPTION_LIMITS",
     "SPEC_ATTR",
     "ModelInfo",
@@ -55,6 +57,10 @@ MAX_INPUT_ELEMENTS = 3 * MAX_INPUT_SIZE * MAX_INPUT_SIZE
 """Most input elements per sample (C×H×W) a model may be built for: 3×256×256. Export and the
 benchmarks run real inputs of the model's shape; a resnet56 built for 512×512 already takes
 6.5 s and 1.4 GB to export, for 2000×2000 46 s and 6 GB."""
+
+MAX_PARAMETERS = 1 << 26
+"""Most parameters a model may have (256 MiB as fp32): options within their limits can still
+combine into a large model (lenet5's fc1 grows with the square of ``input_size``)."""
 
 OPTION_LIMITS: dict[str, int | float] = {
     "num_classes": 100_000,
@@ -227,6 +233,12 @@ def create(name: str, **kwargs: Any) -> nn.Module:
     model = entry.factory(**resolved)
     if not isinstance(model, nn.Module):
         raise ModelError(f"factory of {name!r} returned {type(model).__name__}, not an nn.Module")
+    count = sum(p.numel() for p in model.parameters())
+    if count > MAX_PARAMETERS:  # readers build on the meta device first: nothing allocated
+        raise ModelError(
+            f"model {name!r} with options {_short(resolved)} has {count:,} parameters, over "
+            f"the limit of {MAX_PARAMETERS:,}"
+        )
     setattr(model, SPEC_ATTR, ModelSpec(name=name, kwargs=resolved))
     return model
 
