@@ -45,7 +45,7 @@ from deepsqueeze.codec.container import (
     parse_dsq,
     read_dsq,
 )
-from deepsqueeze.data import checksum, load_dataset, read_idx
+from deepsqueeze.data import DATASETS, checksum, load_dataset, read_idx
 from deepsqueeze.data.dataset import clear_cache
 from deepsqueeze.data.idx import gunzip
 from deepsqueeze.errors import (
@@ -522,6 +522,21 @@ def test_a_gzip_bomb_in_a_data_folder_is_refused_quickly(header: bytes,
     # the real file's size, or at once when the first bytes are no IDX header
     assert f"decompresses to more than {'47,040,016' if header else '36'} bytes" in str(exc)
     assert elapsed < 2 and peak < 8 << 20, (elapsed, peak)
+
+
+def test_a_dataset_file_larger_than_its_contents_is_not_read(isolated_data: Path) -> None:
+    """A 1 GiB (sparse) file named like MNIST's 47 MB training images is refused unread."""
+    images = isolated_data / "train-images-idx3-ubyte"
+    with open(images, "wb") as f:
+        f.truncate(1 << 30)
+    (isolated_data / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(b"x"))
+    limit = DATASETS["mnist"].train[0].max_size
+    assert limit is not None and 47_040_016 < limit < 48_000_000
+    exc, elapsed, peak = _measured(
+        lambda: load_dataset("mnist", "train", data_dir=isolated_data.parent, download=False),
+        DataError)
+    assert f"it is 1,073,741,824 bytes, over the {limit:,}-byte limit" in str(exc)
+    assert elapsed < 0.5 and peak < 1 << 20
 
 
 def test_an_unverifiable_gzip_file_is_never_decompressed(isolated_data: Path,

@@ -90,7 +90,7 @@ def _read_idx_file(path: Path, spec: FileSpec) -> np.ndarray:
     """Read, verify (before decompressing, see ``verify_file``) and parse one IDX file; what
     is read and decompressed is capped by the known size of the real contents."""
     limit = spec.payload_size or MAX_PAYLOAD
-    raw = read_bytes(path, limit + limit // 64 + (64 << 10))  # gzip of random data is larger
+    raw = read_bytes(path, spec.max_size or MAX_PAYLOAD)
     verify_file(path, spec, raw)
     return parse_idx(decompress(raw, path, limit), path)
 

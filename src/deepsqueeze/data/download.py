@@ -21,10 +21,13 @@ from rich.progress import (
 from deepsqueeze.errors import DataError
 
 from .checksum import mark_verified, verify_file
+from .idx import read_bytes
 from .registry import FileSpec
 
 TIMEOUT_S = 30.0
 _CHUNK = 1 << 16
+MAX_DOWNLOAD = 1 << 30
+"""Most bytes one download may write (the largest dataset file, CIFAR-100's, is 169 MB)."""
 
 
 class DownloadError(DataError):
@@ -62,8 +65,10 @@ def _fetch(url: str, dest: Path, timeout: float = TIMEOUT_S) -> None:
         with progress:
             task = progress.add_task(url.rsplit("/", 1)[-1], total=total)
             while chunk := resp.read(_CHUNK):
-                out.write(chunk)
                 written += len(chunk)
+                if written > MAX_DOWNLOAD:
+                    raise OSError(f"the server sent more than {MAX_DOWNLOAD:,} bytes")
+                out.write(chunk)
                 progress.update(task, advance=len(chunk))
     if total is not None and written != total:
         raise OSError(f"connection closed after {written} of {total} bytes")
@@ -83,7 +88,7 @@ def download_file(spec: FileSpec, mirrors: Sequence[str], dest_dir: Path) -> Pat
         tmp = Path(tmp_name)
         try:
             _fetch(url, tmp)
-            raw = tmp.read_bytes()
+            raw = read_bytes(tmp, spec.max_size or MAX_DOWNLOAD)
             verify_file(tmp, spec, raw, strict=True)
             os.replace(tmp, final)
             mark_verified(final, spec)

@@ -27,6 +27,14 @@ class FileSpec:
     payload_size: int | None = None
 
     @property
+    def max_size(self) -> int | None:
+        """Most bytes a copy of the file can have, compressed or not: the contents' size plus
+        what gzip adds to incompressible data (``None`` where the size is not known)."""
+        if self.payload_size is None:
+            return None
+        return self.payload_size + self.payload_size // 64 + (64 << 10)
+
+    @property
     def stem(self) -> str:
         """The file name without a ``.gz`` suffix (its decompressed name)."""
         return self.filename[:-3] if self.filename.endswith(".gz") else self.filename
