@@ -407,7 +407,7 @@ def make_inputs(case: FileCase, rng: np.random.Generator) -> list[Input]:
         for n in (1, 5, 64):
             out.append(Input(f"right flat n={n}", "right", _values(rng, (n, feats))))
         if feats % 2 == 0:
-            out.append(Input("right (n, 2, f/2)", "right", _values(rng, (3, 2, feats // 2))))
+            out.append(Input("right (n 2 f/2)", "right", _values(rng, (3, 2, feats // 2))))
     for _ in range(2):
         n = max(1, batch())
         out.append(Input("right transposed view", "right",
@@ -428,10 +428,10 @@ def make_inputs(case: FileCase, rng: np.random.Generator) -> list[Input]:
     out.append(Input("width -1", "wrong", _values(rng, (n, c, h, max(1, w - 1)))))
     out.append(Input("height+width +3", "wrong", _values(rng, (n, c, h + 3, w + 3))))
     out.append(Input("1x1 image", "wrong", _values(rng, (n, c, 1, 1))))
-    out.append(Input("unbatched (C,H,W)", "wrong", _values(rng, (c, h, w))))
+    out.append(Input("unbatched CHW", "wrong", _values(rng, (c, h, w))))
     out.append(Input("5-D", "wrong", _values(rng, (1, n, c, h, w))))
-    out.append(Input("2-D (n, features+1)", "wrong", _values(rng, (n, feats + 1))))
-    out.append(Input("2-D (n, features-1)", "wrong", _values(rng, (n, max(1, feats - 1)))))
+    out.append(Input("2-D n x (features+1)", "wrong", _values(rng, (n, feats + 1))))
+    out.append(Input("2-D n x (features-1)", "wrong", _values(rng, (n, max(1, feats - 1)))))
     out.append(Input("1-D", "wrong", _values(rng, (feats,))))
     out.append(Input("0-D", "wrong", torch.tensor(1.5)))
     out.append(Input("empty H", "wrong", torch.zeros(n, c, 0, w)))
@@ -1010,6 +1010,19 @@ def _replay(seed: int, variant: int | None, inp: int | None) -> str:
     return cmd
 
 
+def _input_label(seed: int, index: int) -> str | None:
+    """The label of input ``index`` of file ``seed`` (generated again; no runtime involved)."""
+    try:
+        case = make_file(seed)
+        if case is None:
+            return None
+        inputs = [i for i in make_inputs(case, np.random.default_rng(seed + 7))
+                  if i.label not in EXCLUDED]
+        return inputs[index].label
+    except Exception:
+        return None
+
+
 def _crash_record(seeds: list[int], lines: list[dict[str, Any]], proc_rc: int | None,
                   stderr: str) -> dict[str, Any]:
     last = [ln for ln in stderr.splitlines() if ln.startswith(PROGRESS)]
@@ -1019,11 +1032,13 @@ def _crash_record(seeds: list[int], lines: list[dict[str, Any]], proc_rc: int | 
     summary = [ln for ln in stderr.splitlines() if ln.startswith("SUMMARY:")]
     seed = int(where[0]) if where else seeds[len([x for x in lines if "seed" in x])]
     message = (summary or reports or stderr.strip().splitlines()[-1:] or ["?"])[0][:300]
+    inp = None if len(where) < 3 or where[2] == "load" else int(where[2])
     return {
         "kind": "crash" if proc_rc is not None else "hang",
         "file_seed": seed,
         "variant": None if len(where) < 2 else int(where[1]),
-        "input": None if len(where) < 3 or where[2] == "load" else int(where[2]),
+        "input": inp,
+        "input_label": None if inp is None else _input_label(seed, inp),
         "returncode": proc_rc,
         "message": message,
         "family": re.sub(r"0x[0-9a-f]+|==\d+==|\d+:\d+:", "", message)[:120],
