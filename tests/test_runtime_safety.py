@@ -17,6 +17,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -955,3 +956,17 @@ def test_sanitize_mode_needs_the_runtime_preloaded(monkeypatch):
         assert env["ASAN_OPTIONS"].startswith("detect_leaks=0")
         assert env["ASAN_OPTIONS"].endswith("verbosity=1")
         assert env[K.ENV_SANITIZE] == "1"
+
+
+def test_cache_scan_is_linear_and_never_blocks(tmp_path):
+    """A cache of escaped quotes took the old regex depth check quadratic time (hours at
+    16 MiB); a FIFO at the cache path blocked the read forever."""
+    quotes = '{"version": 1, "entries": {"k": "' + '\\"' * 2_000_000  # never closed
+    t0 = time.perf_counter()
+    with pytest.warns(RuntimeWarning):
+        assert _in_thread(lambda: at.load_cache(_write(tmp_path / "q.json", quotes)), 30) == {}
+    assert time.perf_counter() - t0 < 10
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo)
+    with pytest.warns(RuntimeWarning, match="FIFO"):
+        assert _in_thread(lambda: at.load_cache(fifo), 10) == {}

@@ -27,7 +27,6 @@ import json
 import math
 import os
 import platform
-import re
 import statistics
 import tempfile
 import time
@@ -37,9 +36,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
+
+from deepsqueeze.codec.container import json_shape
+from deepsqueeze.inputs import NotReadable, read_input
 
 ENV_AUTOTUNE = "DEEPSQUEEZE_AUTOTUNE"
 """``0`` / ``false`` / ``off``: choose executors without timing them."""
@@ -165,20 +166,6 @@ def valid_entry(key: Any, entry: Any) -> bool:
         isinstance(n, str) and len(n) <= _MAX_NAME for n in layers)
 
 
-_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
-
-
-def json_depth(text: bytes) -> int:
-    """Deepest array/object nesting of JSON ``text`` (strings skipped), without parsing it
-    (``json.loads`` recurses once per level)."""
-    a = np.frombuffer(_JSON_STRING.sub(b"", text), dtype=np.uint8)
-    if a.size == 0:
-        return 0
-    step = np.isin(a, (ord("["), ord("{"))).astype(np.int32)
-    step -= np.isin(a, (ord("]"), ord("}"))).astype(np.int32)
-    return int(np.cumsum(step).max())
-
-
 def _warn(path: Path, why: str) -> None:
     warnings.warn(f"autotune cache {path}: {why}", RuntimeWarning, stacklevel=3)
 
@@ -188,15 +175,14 @@ def load_cache(path: Path | None = None) -> dict[str, Any]:
     or of another version; entries of the wrong shape are dropped with one warning)."""
     path = path or cache_path()
     try:
-        with open(path, "rb") as fh:
-            raw = fh.read(MAX_CACHE_BYTES + 1)
-    except OSError:
-        return {}
-    if len(raw) > MAX_CACHE_BYTES:
-        _warn(path, f"over {MAX_CACHE_BYTES} bytes, ignored")
+        raw = read_input(path, limit=MAX_CACHE_BYTES)  # a regular file only: a FIFO never blocks
+    except NotReadable as exc:
+        if not exc.missing:
+            _warn(path, f"{exc}, ignored")
         return {}
     try:
-        if json_depth(raw) > _MAX_CACHE_DEPTH:
+        # json.loads recurses once per level: the depth is measured first, in linear time
+        if json_shape(raw).depth > _MAX_CACHE_DEPTH:
             raise ValueError(f"nested deeper than {_MAX_CACHE_DEPTH} levels")
         data = json.loads(raw.decode("utf-8"))
     except (ValueError, RecursionError) as exc:
