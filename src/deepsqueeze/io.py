@@ -26,6 +26,7 @@ from torch import nn
 from deepsqueeze import models
 from deepsqueeze.errors import CheckpointError, ModelError
 from deepsqueeze.inputs import NotReadable, open_input
+from deepsqueeze.models.state import resize_to_shapes
 
 MODEL_FORMAT = "deepsqueeze-model"
 CHECKPOINT_FORMAT = "deepsqueeze-checkpoint"
@@ -334,9 +335,7 @@ def model_for_shapes(spec: models.ModelSpec, shapes: Mapping[str, tuple[int, ...
             )
     try:
         if dict(shapes) != expected:
-            from deepsqueeze.methods.channel_pruning import resize_to_shapes  # channel-pruned
-
-            model = resize_to_shapes(model, shapes)
+            model = resize_to_shapes(model, shapes)  # channel-pruned
         resized = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         wrong = sorted(k for k in shapes if tuple(shapes[k]) != resized.get(k))
         if wrong:

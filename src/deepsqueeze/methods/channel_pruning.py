@@ -27,7 +27,6 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.utils import parametrize
 
 from deepsqueeze.errors import ModelError
 from deepsqueeze.methods.base import (
@@ -39,6 +38,11 @@ from deepsqueeze.methods.base import (
 )
 from deepsqueeze.metrics.macs import macs_per_sample
 from deepsqueeze.metrics.size import parameter_count
+from deepsqueeze.models.state import check_unparametrized as _check_unparametrized
+from deepsqueeze.models.state import is_depthwise as _is_depthwise
+from deepsqueeze.models.state import replace_module as _replace
+from deepsqueeze.models.state import resize_to_shapes  # re-exported (moved to the models layer)
+from deepsqueeze.models.state import resized_module as _resized_module
 
 __all__ = [
     "ChannelGroup",
@@ -151,14 +155,6 @@ def _trace(model: nn.Module) -> _Trace:
         if count > 1:
             shared[name] = f"module {name!r} is called {count} times in forward"
     return _Trace(graph, modules, calls, shared)
-
-
-def _is_depthwise(mod: nn.Module) -> bool:
-    return (
-        isinstance(mod, nn.Conv2d)
-        and mod.groups > 1
-        and mod.groups == mod.in_channels == mod.out_channels
-    )
 
 
 def _out_channels(mod: nn.Module) -> int:
@@ -416,84 +412,6 @@ def select_channels(
 # --------------------------------------------------------------------------- surgery
 
 
-def _check_unparametrized(mod: nn.Module, name: str) -> None:
-    if parametrize.is_parametrized(mod):
-        raise ModelError(
-            f"layer {name!r} has parametrized weights (a mask or codebook from an earlier method); "
-            "apply channel pruning before methods that parametrize weights"
-        )
-
-
-def _take(t: torch.Tensor, dim: int, idx: torch.Tensor | None) -> torch.Tensor:
-    return t if idx is None else t.index_select(dim, idx.to(t.device))
-
-
-def _copy_param(new: nn.Module, old: nn.Module, name: str, value: torch.Tensor) -> None:
-    param = getattr(new, name)
-    with torch.no_grad():
-        param.copy_(value)
-    param.requires_grad_(getattr(old, name).requires_grad)
-
-
-def _resized_module(
-    mod: nn.Module, out_keep: torch.Tensor | None, in_keep: torch.Tensor | None
-) -> nn.Module:
-    """A new module holding the kept slices of ``mod``'s parameters and buffers."""
-    if isinstance(mod, nn.Conv2d):
-        w = mod.weight.detach()
-        if _is_depthwise(mod):
-            keep = out_keep if out_keep is not None else in_keep
-            w = _take(w, 0, keep)
-            cin = cout = groups = w.shape[0]
-        else:
-            w = _take(_take(w, 0, out_keep), 1, in_keep)
-            cout, groups = w.shape[0], mod.groups
-            cin = w.shape[1] * groups
-        new: nn.Module = nn.Conv2d(
-            cin, cout, mod.kernel_size, stride=mod.stride, padding=mod.padding,
-            dilation=mod.dilation, groups=groups, bias=mod.bias is not None,
-            padding_mode=mod.padding_mode, device=w.device, dtype=w.dtype,
-        )
-        _copy_param(new, mod, "weight", w)
-        if mod.bias is not None:
-            _copy_param(new, mod, "bias", _take(mod.bias.detach(), 0, out_keep))
-    elif isinstance(mod, nn.Linear):
-        w = _take(_take(mod.weight.detach(), 0, out_keep), 1, in_keep)
-        new = nn.Linear(
-            w.shape[1], w.shape[0], bias=mod.bias is not None, device=w.device, dtype=w.dtype
-        )
-        _copy_param(new, mod, "weight", w)
-        if mod.bias is not None:
-            _copy_param(new, mod, "bias", _take(mod.bias.detach(), 0, out_keep))
-    elif isinstance(mod, _BatchNorm):
-        ref = mod.running_mean if mod.running_mean is not None else mod.weight
-        n = mod.num_features if out_keep is None else len(out_keep)
-        new = type(mod)(
-            n, eps=mod.eps, momentum=mod.momentum, affine=mod.affine,
-            track_running_stats=mod.track_running_stats,
-            device=ref.device if ref is not None else None,
-            dtype=ref.dtype if ref is not None else None,
-        )
-        if mod.affine:
-            _copy_param(new, mod, "weight", _take(mod.weight.detach(), 0, out_keep))
-            _copy_param(new, mod, "bias", _take(mod.bias.detach(), 0, out_keep))
-        for buf in ("running_mean", "running_var"):
-            if getattr(mod, buf) is not None:
-                getattr(new, buf).copy_(_take(getattr(mod, buf), 0, out_keep))
-        if mod.num_batches_tracked is not None:
-            new.num_batches_tracked.copy_(mod.num_batches_tracked)
-    else:  # pragma: no cover - the analysis only yields the types above
-        raise ModelError(f"cannot resize {type(mod).__name__}")
-    new.train(mod.training)
-    return new
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, attr, new)
-
-
 def _keep_tensor(name: str, keep: Sequence[int] | torch.Tensor, total: int) -> torch.Tensor:
     idx = torch.as_tensor(keep)
     if idx.dim() != 1 or idx.numel() == 0 or idx.is_floating_point() or idx.dtype == torch.bool:
@@ -551,56 +469,6 @@ def prune_channels(
         _check_unparametrized(modules[name], name)
     for name in touched:
         _replace(model, name, _resized_module(modules[name], out_keep.get(name), in_keep.get(name)))
-    return model
-
-
-def resize_to_shapes(
-    model: nn.Module, shapes: Mapping[str, Sequence[int] | torch.Size | torch.Tensor]
-) -> nn.Module:
-    """Resize Conv2d/Linear/BatchNorm layers of ``model`` to the shapes of a saved state dict.
-
-    For loading a channel-pruned model: build the original architecture, then replace each layer
-    whose saved ``weight`` (or, for BN without affine, ``running_mean``) shape differs with a new,
-    uninitialized layer of the saved size; ``load_state_dict`` then fills it. ``shapes`` maps
-    state-dict keys to shapes (a state dict itself also works). Works in place; returns ``model``.
-    """
-    def shape_of(key: str) -> tuple[int, ...] | None:
-        if key not in shapes:
-            return None
-        value = shapes[key]
-        return tuple(value.shape if isinstance(value, torch.Tensor) else value)
-
-    for name, mod in list(model.named_modules()):
-        if not name:
-            continue
-        if isinstance(mod, (nn.Conv2d, nn.Linear)) or (isinstance(mod, _BatchNorm) and mod.affine):
-            key = f"{name}.weight"
-        elif isinstance(mod, _BatchNorm) and mod.running_mean is not None:
-            key = f"{name}.running_mean"
-        else:
-            continue
-        saved = shape_of(key)
-        current = tuple(getattr(mod, key.rpartition(".")[2]).shape)
-        if saved is None or saved == current:
-            continue
-        _check_unparametrized(mod, name)
-        bad = ModelError(f"saved {key!r} has shape {list(saved)}, which does not fit "
-                         f"{type(mod).__name__} {name!r} of shape {list(current)}")
-        if len(saved) != len(current) or min(saved) < 1:
-            raise bad
-        if isinstance(mod, nn.Conv2d):
-            if saved[2:] != current[2:] or (_is_depthwise(mod) and saved[1] != 1):
-                raise bad
-            out_idx = torch.arange(saved[0])
-            if _is_depthwise(mod):
-                new = _resized_module(mod, out_idx, None)
-            else:
-                new = _resized_module(mod, out_idx, torch.arange(saved[1]))
-        elif isinstance(mod, nn.Linear):
-            new = _resized_module(mod, torch.arange(saved[0]), torch.arange(saved[1]))
-        else:
-            new = _resized_module(mod, torch.arange(saved[0]), None)
-        _replace(model, name, new)
     return model
 
 
