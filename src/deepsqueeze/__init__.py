@@ -17,13 +17,21 @@ from deepsqueeze.dsq import FileReport, inspect, load, save
 from deepsqueeze.errors import DeepSqueezeError
 from deepsqueeze.evaluation import EvalReport, evaluate
 from deepsqueeze.io import load_model, save_model
-from deepsqueeze.pipeline import CompressResult, Recipe, compress, load_recipe
+from deepsqueeze.pipeline import (
+    CompressionSession,
+    CompressResult,
+    Recipe,
+    compress,
+    load_recipe,
+    prepare,
+)
 from deepsqueeze.training import TrainConfig, fit, train
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CompressResult", "DeepSqueezeError", "EvalReport", "FileReport", "Recipe", "TrainConfig",
+    "CompressResult", "CompressionSession", "DeepSqueezeError", "EvalReport", "FileReport",
+    "Recipe", "TrainConfig",
     "compress", "evaluate", "fit", "inspect", "load", "load_model", "load_recipe", "models",
-    "save", "save_model", "train",
+    "prepare", "save", "save_model", "train",
 ]

@@ -1,4 +1,5 @@
-"""``evaluate()``: accuracy, size, compute and speed of a model on a dataset, in one report."""
+"""``evaluate()``: accuracy (or the user's metric), size, compute and speed of a model on a
+dataset or the user's own data, in one report."""
 
 from __future__ import annotations
 
@@ -12,11 +13,14 @@ from torch import nn
 
 from deepsqueeze import models
 from deepsqueeze.data import load_dataset
-from deepsqueeze.metrics.accuracy import accuracy_and_loss
+from deepsqueeze.data.loaders import DataLike, Inputs, first_inputs, is_data, iter_batches
+from deepsqueeze.errors import ModelError, OptionError
+from deepsqueeze.metrics.accuracy import LossFn, Metric, accuracy_and_loss, evaluate_batches
 from deepsqueeze.metrics.macs import macs_per_sample
 from deepsqueeze.metrics.size import dense_fp32_bytes, file_bytes, nonzero_count, parameter_count
 from deepsqueeze.metrics.timing import time_model
-from deepsqueeze.training.run import check_fits
+from deepsqueeze.options import short_repr
+from deepsqueeze.training.run import check_fits, check_forward
 
 
 @dataclass
@@ -27,8 +31,8 @@ class EvalReport:
     dataset: str
     split: str
     samples: int
-    top1_accuracy: float
-    loss: float
+    top1_accuracy: float | None
+    loss: float | None
     parameters: int
     nonzero_parameters: int
     weights_bytes_fp32: int
@@ -40,6 +44,8 @@ class EvalReport:
     throughput_samples_per_s: float | None
     throughput_batch: int | None
     torch_threads: int
+    metric: float | None = None
+    metric_name: str = "accuracy"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -51,9 +57,14 @@ class EvalReport:
         )
         table.add_column("metric")
         table.add_column("value", justify="right")
-        rows = [
-            ("top-1 accuracy", f"{self.top1_accuracy:.2%}"),
-            ("loss", f"{self.loss:.4f}"),
+        rows = []
+        if self.top1_accuracy is not None:
+            rows.append(("top-1 accuracy", f"{self.top1_accuracy:.2%}"))
+        elif self.metric is not None:
+            rows.append((self.metric_name, f"{self.metric:.6g}"))
+        if self.loss is not None:
+            rows.append(("loss", f"{self.loss:.4f}"))
+        rows += [
             ("parameters", f"{self.parameters:,}"),
             ("nonzero parameters", f"{self.nonzero_parameters:,}"),
             ("weights bytes (fp32)", f"{self.weights_bytes_fp32:,}"),
@@ -86,6 +97,10 @@ def evaluate(
     model: nn.Module | str | Path,
     dataset: str = "mnist",
     *,
+    data: DataLike | None = None,
+    example_inputs: Inputs | None = None,
+    metric: Metric | None = None,
+    loss_fn: LossFn | None = None,
     split: str = "test",
     data_dir: str | Path | None = None,
     subset: int | None = None,
@@ -95,7 +110,15 @@ def evaluate(
     throughput_batch: int = 256,
     throughput_runs: int = 10,
 ) -> EvalReport:
-    """Evaluate a model object, a model.pt or a .dsq file on ``dataset``/``split`` on the CPU.
+    """Evaluate a model object (any ``nn.Module``), a model.pt or a .dsq file on the CPU.
+
+    Data: built-in ``dataset``/``split``, or the user's own ``data`` (a Dataset of
+    ``(inputs, target)``, a DataLoader, a pair ``(X, y)``; inputs a tuple for a model with several
+    inputs), scored by ``metric`` (default top-1 accuracy; ``metric(outputs, targets)`` or
+    ``metric(model)``) and ``loss_fn`` (default cross-entropy for classifiers).
+    ``example_inputs`` (a tensor or a tuple, batch dimension first; default: the first batch of
+    the data) drive the MAC count and the latency and throughput batches, so any input shape and
+    any number of inputs work.
 
     A .dsq file is evaluated as loaded from the file itself: its accuracy is the file's accuracy.
     Counts and sizes out of range raise :class:`OptionError` before any work.
@@ -108,39 +131,76 @@ def evaluate(
     check_int("throughput_runs", throughput_runs, 1, 1_000_000)
     if subset is not None:
         check_int("subset (--subset)", subset, 1, 1 << 31)
+    if data is not None and not is_data(data):
+        raise OptionError(
+            "data= takes a torch Dataset of (inputs, target), a DataLoader, a pair (X, y) or a "
+            f"deepsqueeze dataset, got {short_repr(data)}"
+        )
+    if data is not None and subset is not None:
+        raise OptionError("subset applies to built-in datasets; subset your own data yourself")
     path = None
     if isinstance(model, (str, Path)):
         from deepsqueeze.dsq import load_model_or_dsq
 
         path = Path(model)
         model = load_model_or_dsq(path)
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"evaluate() takes an nn.Module or a file path, got {short_repr(model)}")
     model = model.cpu().eval()
-    data = load_dataset(dataset, split, data_dir=data_dir)
-    if subset is not None:
-        data = data.subset(subset)
-    check_fits(model, data)
-    shape = tuple(data.input_shape)
-    acc = accuracy_and_loss(model, data.normalized(), data.labels, batch_size)
+    try:
+        name = models.spec_of(model).name
+    except ModelError:
+        name = type(model).__name__
+    if data is None:
+        images = load_dataset(dataset, split, data_dir=data_dir)
+        if subset is not None:
+            images = images.subset(subset)
+        check_fits(model, images)
+        data_label = dataset
+        if loss_fn is None and metric is None:
+            acc = accuracy_and_loss(model, images.normalized(), images.labels, batch_size)
+            top1, value, loss, samples, metric_name = (
+                acc.accuracy, acc.accuracy, acc.loss, acc.samples, "accuracy"
+            )
+        else:
+            scored = evaluate_batches(model, iter_batches(images, batch_size), loss_fn, metric)
+            top1 = scored.metric if metric is None else None
+            value, loss, samples, metric_name = (
+                scored.metric, scored.loss, scored.samples, scored.name
+            )
+        if example_inputs is None:
+            example_inputs = first_inputs(images)
+    else:
+        data_label, split = "user data", "given"
+        if example_inputs is None:
+            example_inputs = first_inputs(data)
+        check_forward(model, example_inputs, "example_inputs (by default, the data's first batch)")
+        scored = evaluate_batches(model, iter_batches(data, batch_size), loss_fn, metric)
+        top1 = scored.metric if metric is None else None
+        value, loss, samples, metric_name = scored.metric, scored.loss, scored.samples, scored.name
     latency = throughput = None
     if measure_speed:
-        latency = time_model(model, shape, 1, runs=latency_runs)
-        throughput = time_model(model, shape, throughput_batch, runs=throughput_runs)
+        latency = time_model(model, None, 1, runs=latency_runs, example_inputs=example_inputs)
+        throughput = time_model(model, None, throughput_batch, runs=throughput_runs,
+                                example_inputs=example_inputs)
     return EvalReport(
-        model=models.spec_of(model).name,
-        dataset=dataset,
+        model=name,
+        dataset=data_label,
         split=split,
-        samples=acc.samples,
-        top1_accuracy=acc.accuracy,
-        loss=acc.loss,
+        samples=samples,
+        top1_accuracy=top1,
+        loss=loss,
         parameters=parameter_count(model),
         nonzero_parameters=nonzero_count(model),
         weights_bytes_fp32=dense_fp32_bytes(model),
         file_bytes=file_bytes(path) if path is not None else None,
-        macs_per_sample=macs_per_sample(model, shape),
+        macs_per_sample=macs_per_sample(model, example_inputs=example_inputs),
         latency_ms_median=latency.median_s * 1e3 if latency else None,
         latency_ms_p95=latency.p95_s * 1e3 if latency else None,
         latency_runs=latency.runs if latency else None,
         throughput_samples_per_s=throughput.throughput if throughput else None,
         throughput_batch=throughput_batch if throughput else None,
         torch_threads=torch.get_num_threads(),
+        metric=value,
+        metric_name=metric_name,
     )

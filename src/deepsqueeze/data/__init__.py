@@ -9,6 +9,7 @@ See docs/data.md. Typical use::
 
 from .dataset import ImageDataset, clear_cache, load_dataset
 from .idx import read_idx
+from .loaders import as_loader
 from .registry import DATASETS, DatasetInfo, FileSpec
 from .search import ENV_VAR, find_dataset_dir, search_path, user_cache_dir
 
@@ -18,6 +19,7 @@ __all__ = [
     "DatasetInfo",
     "FileSpec",
     "ImageDataset",
+    "as_loader",
     "clear_cache",
     "find_dataset_dir",
     "load_dataset",

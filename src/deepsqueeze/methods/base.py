@@ -16,17 +16,27 @@ from __future__ import annotations
 
 import fnmatch
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 
 from deepsqueeze.errors import ModelError, RecipeError
-from deepsqueeze.training.loop import StepHook
 
-LAYER_TYPES: dict[str, type[nn.Module]] = {"Linear": nn.Linear, "Conv2d": nn.Conv2d}
+StepHook = Callable[[int, nn.Module], None]
+"""Called after every optimizer step with the stage's step index (0-based) and the model.
+
+Defined here, below the training loop: methods hand hooks to whichever loop trains the model
+(``training.fit``, or the user's own loop through ``pipeline.CompressionSession.step``)."""
+
+LAYER_TYPES: dict[str, type[nn.Module]] = {
+    "Linear": nn.Linear, "Conv1d": nn.Conv1d, "Conv2d": nn.Conv2d, "Embedding": nn.Embedding,
+}
 """Layer types a selector may name (``type:Linear``)."""
+
+WEIGHT_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)
+"""Layers whose ``weight`` a shape-keeping method (masks, codebooks) can parametrize."""
 
 
 class MethodParams(BaseModel):
@@ -63,6 +73,11 @@ def select_layers(
                 raise ModelError(
                     f"unknown layer type {pattern!r}; known: "
                     f"{', '.join('type:' + k for k in LAYER_TYPES)}"
+                )
+            if not issubclass(kind, supported):
+                raise ModelError(
+                    f"layer type {pattern!r}: this method cannot handle {kind.__name__} layers; "
+                    f"supported: {sorted(t.__name__ for t in supported)}"
                 )
             hits = {n: m for n, m in candidates.items() if isinstance(m, kind)}
         else:
@@ -155,15 +170,21 @@ def per_layer(
     names = list(names)
     if not isinstance(value, dict):
         return dict.fromkeys(names, value)
+    # keys matching nothing first: a typo ("fcc2") is the error, not the layer it left uncovered
+    unused = [g for g in value if not any(fnmatch.fnmatchcase(n, g) for n in names)]
+    if unused:
+        missing = [n for n in names if not any(fnmatch.fnmatchcase(n, g) for g in value)]
+        hint = f" (no value for {missing}: a misspelled name?)" if missing else ""
+        raise RecipeError(
+            f"{what}: {', '.join(repr(g) for g in unused)} "
+            f"match{'es' if len(unused) == 1 else ''} no selected layer{hint}; layers: {names}"
+        )
     out: dict[str, Any] = {}
     for name in names:
         matches = [g for g in value if fnmatch.fnmatchcase(name, g)]
         if not matches:
             raise RecipeError(f"{what}: no value for layer {name!r} (add it or a '*' default)")
         out[name] = value[max(matches, key=lambda g: _specificity(g, name))]
-    unused = [g for g in value if not any(fnmatch.fnmatchcase(n, g) for n in names)]
-    if unused:
-        raise RecipeError(f"{what}: {unused} match no selected layer; layers: {names}")
     return out
 
 

@@ -29,7 +29,14 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from deepsqueeze.errors import ModelError
-from deepsqueeze.methods.base import Method, MethodParams, per_layer, register_method
+from deepsqueeze.methods.base import (
+    WEIGHT_LAYERS,
+    Method,
+    MethodParams,
+    StepHook,
+    per_layer,
+    register_method,
+)
 from deepsqueeze.methods.schedules import (
     SCHEDULE_KINDS,
     Iterative,
@@ -37,7 +44,6 @@ from deepsqueeze.methods.schedules import (
     Polynomial,
     Schedule,
 )
-from deepsqueeze.training.loop import StepHook
 
 # --------------------------------------------------------------------------------------------
 # The parametrization and helpers
@@ -103,7 +109,8 @@ def set_mask(module: nn.Module, mask: torch.Tensor, tensor: str = "weight") -> P
 
 
 def layer_sparsity(model: nn.Module) -> dict[str, tuple[int, int]]:
-    """``{name: (total, zeros)}`` of the effective weight of every Linear/Conv2d or masked layer.
+    """``{name: (total, zeros)}`` of the effective weight of every weight layer (Linear, Conv1d,
+    Conv2d, Embedding) or masked layer.
 
     Zeros are counted in the effective weight (what the saver sees), so they include any exact
     zeros the training produced besides the pruned positions.
@@ -112,7 +119,7 @@ def layer_sparsity(model: nn.Module) -> dict[str, tuple[int, int]]:
     for name, module in model.named_modules():
         if not name:
             continue
-        if isinstance(module, (nn.Linear, nn.Conv2d)) or _mask_param(module) is not None:
+        if isinstance(module, WEIGHT_LAYERS) or _mask_param(module) is not None:
             with torch.no_grad():
                 w = module.weight
                 out[name] = (w.numel(), int((w == 0).sum()))
@@ -322,6 +329,7 @@ class MagnitudePruning(Method):
 
     name = "prune"
     Params = PruningParams
+    supported = WEIGHT_LAYERS
     params: PruningParams
 
     def __init__(self, **params: Any) -> None:

@@ -29,7 +29,13 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from deepsqueeze.errors import ModelError
-from deepsqueeze.methods.base import Method, MethodParams, per_layer, register_method
+from deepsqueeze.methods.base import (
+    WEIGHT_LAYERS,
+    Method,
+    MethodParams,
+    per_layer,
+    register_method,
+)
 
 Init = Literal["linear", "density", "random"]
 Bits = Annotated[int, Field(ge=1, le=16)]
@@ -282,6 +288,7 @@ class WeightSharing(Method):
 
     name = "share"
     Params = WeightSharingParams
+    supported = WEIGHT_LAYERS
     params: WeightSharingParams
 
     def apply(self, model: nn.Module, layers: dict[str, nn.Module]) -> None:

@@ -2,24 +2,49 @@
 
 from __future__ import annotations
 
+from typing import Union
+
 import torch
 from torch import nn
 
+ExampleInputs = Union[torch.Tensor, tuple[torch.Tensor, ...]]  # noqa: UP007 (a runtime alias)
+
+
+def first_sample(example_inputs: ExampleInputs) -> tuple[torch.Tensor, ...]:
+    """The first sample of each input (batch dimension kept: shape ``(1, ...)``)."""
+    xs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    return tuple(x[:1] if x.dim() else x for x in xs)
+
 
 @torch.inference_mode()
-def macs_per_sample(model: nn.Module, input_shape: tuple[int, ...]) -> int:
-    """MACs of one forward pass of a single sample of shape (C,H,W) through conv and linear layers.
+def macs_per_sample(
+    model: nn.Module,
+    input_shape: tuple[int, ...] | None = None,
+    *,
+    example_inputs: ExampleInputs | None = None,
+) -> int:
+    """MACs of one forward pass of a single sample through conv and linear layers.
 
-    Convolutions count ``out_elements × in_channels/groups × kh × kw``; linear layers count
-    ``in_features × out_features``. Elementwise ops, pooling and normalization are not counted
-    (the usual convention of the papers this project compares to).
+    The sample is a zero tensor of ``input_shape`` (no batch dimension, e.g. (C, H, W) or
+    (features,)), or the first sample of ``example_inputs`` (a tensor or a tuple of tensors, batch
+    dimension first: any shape, any number of inputs, integer token ids included).
+
+    Convolutions (1-D and 2-D) count ``out_elements × in_channels/groups × kernel elements``;
+    linear layers count ``in_features × out_features`` per position. Embedding lookups,
+    elementwise ops, pooling and normalization are not counted (the usual convention of the
+    papers this project compares to).
     """
+    if (input_shape is None) == (example_inputs is None):
+        raise ValueError("give exactly one of input_shape and example_inputs")
     total = 0
 
-    def conv_hook(mod: nn.Conv2d, _inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+    def conv_hook(mod: nn.Conv1d | nn.Conv2d, _inp: tuple[torch.Tensor, ...],
+                  out: torch.Tensor) -> None:
         nonlocal total
-        kh, kw = mod.kernel_size
-        total += out[0].numel() * (mod.in_channels // mod.groups) * kh * kw
+        kernel = 1
+        for k in mod.kernel_size:
+            kernel *= k
+        total += out[0].numel() * (mod.in_channels // mod.groups) * kernel
 
     def linear_hook(mod: nn.Linear, inp: tuple[torch.Tensor, ...], _out: torch.Tensor) -> None:
         nonlocal total
@@ -28,7 +53,7 @@ def macs_per_sample(model: nn.Module, input_shape: tuple[int, ...]) -> int:
 
     handles = []
     for mod in model.modules():
-        if isinstance(mod, nn.Conv2d):
+        if isinstance(mod, (nn.Conv1d, nn.Conv2d)):
             handles.append(mod.register_forward_hook(conv_hook))
         elif isinstance(mod, nn.Linear):
             handles.append(mod.register_forward_hook(linear_hook))
@@ -36,7 +61,12 @@ def macs_per_sample(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     model.eval()
     try:
         device = next(model.parameters(), torch.empty(0)).device
-        model(torch.zeros(1, *input_shape, device=device))
+        if example_inputs is not None:
+            xs = tuple(x.to(device) for x in first_sample(example_inputs))
+        else:
+            assert input_shape is not None
+            xs = (torch.zeros(1, *input_shape, device=device),)
+        model(*xs)
     finally:
         model.train(was_training)
         for handle in handles:

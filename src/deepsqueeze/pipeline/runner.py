@@ -1,178 +1,405 @@
-"""``compress()``: run a recipe's stages on a model, fine-tune through the one trainer, save."""
+"""``compress()``: run a recipe's stages on a model, fine-tune through the one trainer, save.
+
+The model is any ``nn.Module`` (a zoo model or the user's own); the data is a built-in dataset
+(by name) or the user's own (``train_data=`` / ``eval_data=``: a Dataset, a DataLoader, a pair
+``(X, y)``), fine-tuned through the user's ``loss_fn`` and scored by the user's ``metric``.
+"""
 
 from __future__ import annotations
 
 import copy
+import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from deepsqueeze import models
-from deepsqueeze.data import load_dataset
-from deepsqueeze.errors import ModelError, RecipeError
+from deepsqueeze.data import ImageDataset, load_dataset
+from deepsqueeze.data.loaders import DataLike, Inputs, first_inputs, is_data, iter_batches
+from deepsqueeze.errors import DeepSqueezeError, ModelError, OptionError, RecipeError
 from deepsqueeze.io import load_model
-from deepsqueeze.methods.base import select_layers
-from deepsqueeze.metrics.accuracy import accuracy_and_loss
-from deepsqueeze.options import check_int
+from deepsqueeze.metrics.accuracy import LossFn, Metric, accuracy_and_loss, evaluate_batches
+from deepsqueeze.metrics.size import parameter_count
+from deepsqueeze.options import check_int, short_repr
 from deepsqueeze.outputs import check_output_file
-from deepsqueeze.pipeline.recipe import Recipe, load_recipe
+from deepsqueeze.pipeline.recipe import Recipe, Stage, load_recipe
+from deepsqueeze.pipeline.session import (
+    CompressionSession,
+    check_finite,
+    spec_or_none,
+)
 from deepsqueeze.training.loop import fit
-from deepsqueeze.training.run import check_fits
+from deepsqueeze.training.run import check_fits, check_forward
+
+__all__ = [
+    "AccuracyFloorError", "CompressResult", "StageCallback", "StageRecord", "check_finite",
+    "check_forward", "compress",
+]
 
 
 @dataclass
 class StageRecord:
-    """What one stage did: its method, layers, time and the test accuracy after it."""
+    """What one stage did: its method, layers, time and the metric after it.
+
+    ``test_accuracy`` is the top-1 accuracy on the evaluation data when the metric is the default
+    one (None with a user metric or without evaluation data); ``metric`` is the metric's value
+    either way (``metric_name`` says which)."""
 
     stage: str
     method: dict[str, Any]
     layers: list[str]
-    test_accuracy: float
+    test_accuracy: float | None
     seconds: float
     finetune_epochs: float
+    metric: float | None = None
+    metric_name: str = "accuracy"
 
 
 @dataclass
 class CompressResult:
-    """The compressed model (training form), per-stage records, and the file if one was saved."""
+    """The compressed model (training form), per-stage records, and the file if one was saved.
 
-    model: nn.Module
-    recipe: Recipe
-    baseline_accuracy: float
+    ``baseline_accuracy`` / ``file_accuracy`` are top-1 accuracies with the default metric;
+    ``baseline_metric`` / ``file_metric`` the metric's values whatever it is."""
+
+    model: nn.Module = field(repr=False)
+    recipe: Recipe = field(repr=False)
+    baseline_accuracy: float | None
     stages: list[StageRecord] = field(default_factory=list)
     path: Path | None = None
-    file_report: Any = None
+    file_report: Any = field(default=None, repr=False)
     file_accuracy: float | None = None
+    baseline_metric: float | None = None
+    file_metric: float | None = None
+    metric_name: str = "accuracy"
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "recipe": self.recipe.model_dump(),
             "baseline_accuracy": self.baseline_accuracy,
+            "baseline_metric": self.baseline_metric,
+            "metric_name": self.metric_name,
             "stages": [asdict(s) for s in self.stages],
             "path": str(self.path) if self.path else None,
             "file": self.file_report.to_dict() if self.file_report is not None else None,
             "file_accuracy": self.file_accuracy,
+            "file_metric": self.file_metric,
         }
 
-
-def check_finite(model: nn.Module, layers: dict[str, nn.Module]) -> None:
-    """Refuse to compress layers holding NaN or Inf weights, naming them."""
-    bad = [
-        f"{name}.{pname}"
-        for name, mod in layers.items()
-        for pname, p in mod.named_parameters(recurse=False)
-        if not torch.isfinite(p).all()
-    ]
-    if bad:
-        raise ModelError(
-            f"refusing to compress: NaN or Inf values in {', '.join(bad)}; "
-            "retrain or repair the model first"
+    def __repr__(self) -> str:
+        stages = ", ".join(
+            f"{s.stage}: {s.metric:.4g}" if s.metric is not None else s.stage for s in self.stages
         )
+        base = "n/a" if self.baseline_metric is None else f"{self.baseline_metric:.4g}"
+        out = f", path={str(self.path)!r}" if self.path is not None else ""
+        ratio = ""
+        if self.file_report is not None:
+            ratio = f", compression={self.file_report.compression:.1f}x"
+        return (f"CompressResult(recipe={self.recipe.name!r}, model={type(self.model).__name__}, "
+                f"{self.metric_name}: baseline {base} -> [{stages}]{out}{ratio})")
+
+
+class AccuracyFloorError(DeepSqueezeError):
+    """A stage left the metric below ``accuracy_floor``: the recipe stopped there, no file was
+    written; ``result`` holds the stages run so far (the last one is the one below the floor)."""
+
+    def __init__(self, message: str, result: CompressResult) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+class StageCallback(Protocol):
+    """Per-stage callbacks (both optional): ``on_stage_start(index, stage, model)`` after the
+    stage's method is applied, before its fine-tuning; ``on_stage_end(index, record, model)``
+    after it is finalized and scored."""
+
+    def on_stage_start(self, index: int, stage: Stage, model: nn.Module) -> None: ...
+
+    def on_stage_end(self, index: int, record: StageRecord, model: nn.Module) -> None: ...
+
+
+@dataclass
+class _Data:
+    """Where fine-tuning and evaluation data come from."""
+
+    train: ImageDataset | DataLike | None
+    eval: ImageDataset | DataLike | None
+    dataset: str | None  # a built-in dataset's name
+
+
+def _resolve_data(
+    model: nn.Module,
+    recipe: Recipe,
+    *,
+    train_data: DataLike | None,
+    eval_data: DataLike | None,
+    dataset: Any,
+    data_dir: str | Path | None,
+    subset: int | None,
+    needs_data: bool,
+) -> _Data:
+    if dataset is not None and not isinstance(dataset, str):
+        kind = type(dataset).__name__
+        raise OptionError(
+            f"dataset= takes the name of a built-in dataset (mnist, fashion-mnist, ...), not a "
+            f"{kind}; pass your own data as train_data= (a Dataset, DataLoader or (X, y)) and "
+            "eval_data="
+        )
+    for name, value in (("train_data", train_data), ("eval_data", eval_data)):
+        if value is not None and not is_data(value):
+            raise OptionError(
+                f"{name}= takes a torch Dataset of (inputs, target), a DataLoader, a pair "
+                f"(X, y) or a deepsqueeze dataset, got {short_repr(value)}"
+            )
+    if train_data is not None or eval_data is not None:
+        if dataset is not None:
+            raise OptionError(
+                "give either dataset= (a built-in dataset) or train_data=/eval_data= (your own "
+                "data), not both"
+            )
+        if subset is not None:
+            raise OptionError("subset applies to built-in datasets; subset your own data yourself")
+        return _Data(train_data, eval_data, None)
+    name = dataset or recipe.dataset
+    if name is None:
+        if needs_data:
+            raise RecipeError(
+                "no data: pass train_data= and eval_data= (your own Dataset, DataLoader or "
+                "(X, y)), or dataset= / --dataset (a built-in dataset), or set 'dataset' in the "
+                "recipe"
+            )
+        return _Data(None, None, None)
+    train_set = load_dataset(name, "train", data_dir=data_dir)
+    test_set = load_dataset(name, "test", data_dir=data_dir)
+    if subset is not None:
+        train_set = train_set.subset(subset, seed=recipe.seed)
+    if spec_or_none(model) is not None:
+        check_fits(model, train_set)
+    return _Data(train_set, test_set, name)
+
+
+def _scorer(
+    data: ImageDataset | DataLike | None, loss_fn: LossFn | None, metric: Metric | None
+) -> Any:
+    """A function ``model -> (top-1 accuracy or None, metric or None, metric name)``."""
+    if data is None:
+        return lambda net: (None, None, "accuracy" if metric is None else _metric_name(metric))
+    if isinstance(data, ImageDataset) and loss_fn is None and metric is None:
+        x_test = data.normalized()
+
+        def builtin(net: nn.Module) -> tuple[float | None, float | None, str]:
+            acc = accuracy_and_loss(net.cpu(), x_test, data.labels).accuracy
+            return acc, acc, "accuracy"
+
+        return builtin
+
+    def user(net: nn.Module) -> tuple[float | None, float | None, str]:
+        scored = evaluate_batches(net.cpu(), iter_batches(data), loss_fn, metric)
+        acc = scored.metric if metric is None else None
+        return acc, scored.metric, scored.name
+
+    return user
+
+
+def _metric_name(metric: Metric) -> str:
+    return str(getattr(metric, "__name__", type(metric).__name__))
 
 
 def compress(
     model: nn.Module | str | Path,
     recipe: Recipe | str | Path | dict[str, Any],
     *,
+    train_data: DataLike | None = None,
+    eval_data: DataLike | None = None,
+    loss_fn: LossFn | None = None,
+    metric: Metric | None = None,
+    example_inputs: Inputs | None = None,
     dataset: str | None = None,
     out: str | Path | None = None,
     data_dir: str | Path | None = None,
     subset: int | None = None,
     progress: bool = True,
     evaluate_file: bool = True,
+    callbacks: Sequence[Any] = (),
+    accuracy_floor: float | None = None,
 ) -> CompressResult:
-    """Apply ``recipe`` to ``model`` (an nn.Module from the zoo or a model.pt path).
+    """Apply ``recipe`` to ``model``: any ``nn.Module`` (a zoo model, the user's own) or a
+    model.pt path.
 
     Each stage applies its method to its selected layers, then fine-tunes with the stage's
-    settings through :func:`deepsqueeze.training.fit`. With ``out``, the result is saved as a
-    .dsq file, and (``evaluate_file``) the file itself is loaded back and evaluated; ``out`` is
-    checked first (:class:`OutputPathError` when it is a folder, cannot be written, or is the
-    model or recipe file), before any work.
+    settings through :func:`deepsqueeze.training.fit`; with ``distill`` the teacher is the model
+    as it was before the first stage.
+
+    Data: ``dataset`` names a built-in dataset (default: the recipe's); or ``train_data`` /
+    ``eval_data`` are the user's own (a Dataset of ``(inputs, target)``, a DataLoader, a pair
+    ``(X, y)``; inputs a tuple for a model with several). Fine-tuning minimizes ``loss_fn``
+    (default cross-entropy); each stage is scored on ``eval_data`` by ``metric`` (default top-1
+    accuracy; ``metric(outputs, targets)`` or ``metric(model)``, higher is better).
+    ``example_inputs`` (a tensor or tuple, batch first; default: the first batch of the data)
+    are checked to run through the model and are recorded in the file.
+
+    ``callbacks``: objects with ``on_stage_start(index, stage, model)`` and/or
+    ``on_stage_end(index, record, model)``. ``accuracy_floor``: after each stage the metric
+    must be at least this; otherwise the recipe stops there and :class:`AccuracyFloorError`
+    (carrying the result so far) is raised before anything is saved.
+
+    With ``out``, the result is saved as a .dsq file, and (``evaluate_file``) the file itself
+    is loaded back and scored; ``out`` is checked first (:class:`OutputPathError` when it is a
+    folder, cannot be written, or is the model or recipe file), before any work.
     """
     if out is not None:
         inputs = [p for p in (model, recipe) if isinstance(p, (str, Path))]
         check_output_file(out, inputs=inputs)
     if subset is not None:
         check_int("subset (--subset)", subset, 1, 1 << 31)
+    if accuracy_floor is not None and (
+        isinstance(accuracy_floor, bool) or not isinstance(accuracy_floor, (int, float))
+        or not math.isfinite(accuracy_floor)
+    ):
+        raise OptionError(
+            f"accuracy_floor must be a finite number, got {short_repr(accuracy_floor)}"
+        )
+    if loss_fn is not None and not callable(loss_fn):
+        raise OptionError(f"loss_fn must be callable(outputs, target), got {short_repr(loss_fn)}")
+    if metric is not None and not callable(metric):
+        raise OptionError(f"metric must be callable, got {short_repr(metric)}")
+    callbacks = list(callbacks or ())
     recipe = load_recipe(recipe)
     if isinstance(model, (str, Path)):
         model = load_model(model)
-    spec = models.spec_of(model)
-    if recipe.model is not None and recipe.model != spec.name:
-        raise RecipeError(
-            f"recipe {recipe.name!r} is written for model {recipe.model!r}, "
-            f"but the given model is {spec.name!r}"
-        )
-    dataset = dataset or recipe.dataset
-    if dataset is None:
-        raise RecipeError("no dataset: pass --dataset or set 'dataset' in the recipe")
-    train_set = load_dataset(dataset, "train", data_dir=data_dir)
-    test_set = load_dataset(dataset, "test", data_dir=data_dir)
-    if subset is not None:
-        train_set = train_set.subset(subset, seed=recipe.seed)
-    check_fits(model, train_set)
-    x_test = test_set.normalized()
-
-    def test_accuracy(net: nn.Module) -> float:
-        return accuracy_and_loss(net.cpu(), x_test, test_set.labels).accuracy
-
-    result = CompressResult(model=model, recipe=recipe, baseline_accuracy=test_accuracy(model))
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"compress() takes a torch nn.Module or a model.pt path, got "
+                         f"{short_repr(model)}")
+    session = CompressionSession(model, recipe)  # checks the recipe's model against the spec
+    finetunes = any(s.finetune is not None and s.finetune.epochs > 0 for s in recipe.stages)
+    data = _resolve_data(
+        model, recipe, train_data=train_data, eval_data=eval_data, dataset=dataset,
+        data_dir=data_dir, subset=subset, needs_data=finetunes or accuracy_floor is not None,
+    )
+    if finetunes and data.train is None:
+        raise OptionError("the recipe fine-tunes: pass train_data= (eval_data= only scores)")
+    if accuracy_floor is not None and data.eval is None:
+        raise OptionError("accuracy_floor needs eval_data= (the data the metric is measured on)")
+    user_model = spec_or_none(model) is None
+    if example_inputs is None:
+        source = data.train if data.train is not None else data.eval
+        if source is not None:
+            example_inputs = first_inputs(source)
+    if example_inputs is not None and (user_model or data.dataset is None):
+        check_forward(model, example_inputs, "example_inputs (by default, the first batch of "
+                      "the data)")
+    score = _scorer(data.eval, loss_fn, metric)
+    dense_parameters = parameter_count(model)
+    skeleton = copy.deepcopy(model) if (out is not None and user_model) else None
+    acc, value, name = score(model)
+    result = CompressResult(model=model, recipe=recipe, baseline_accuracy=acc,
+                            baseline_metric=value, metric_name=name)
     # fine-tuning stages with `distill` learn from the model as it was before compression
     distilling = any(s.finetune is not None and s.finetune.distill > 0 for s in recipe.stages)
     teacher = copy.deepcopy(model).eval() if distilling else None
-    methods = recipe.methods()
     torch.manual_seed(recipe.seed)
-    for index, (stage, method) in enumerate(zip(recipe.stages, methods, strict=False)):
+    for index, stage in enumerate(recipe.stages):
         t0 = time.perf_counter()
-        layers = select_layers(model, method.params.layers, method.supported)
-        check_finite(model, layers)
-        method.apply(model, layers)
+        session.start_stage()
+        for cb in callbacks:
+            if hasattr(cb, "on_stage_start"):
+                cb.on_stage_start(index, stage, model)
         epochs = 0.0
         if stage.finetune is not None and stage.finetune.epochs > 0:
             cfg = stage.finetune.model_copy(update={"seed": recipe.seed + index})
             fit(
                 model,
-                train_set,
+                data.train,
                 cfg,
                 test_set=None,
-                step_hooks=method.step_hooks(),
+                step_hooks=[session.fit_hook],
                 progress=progress,
                 description=f"stage {index + 1} {stage.label}",
                 teacher=teacher,
+                loss_fn=loss_fn,
+                metric=metric,
             )
             epochs = cfg.epochs
-        method.finalize(model)
+        session.end_stage()
         model.cpu()
-        result.stages.append(
-            StageRecord(
-                stage=stage.label,
-                method=method.summary(),
-                layers=list(layers),
-                test_accuracy=test_accuracy(model),
-                seconds=time.perf_counter() - t0,
-                finetune_epochs=epochs,
+        acc, value, name = score(model)
+        record = StageRecord(
+            stage=stage.label,
+            method=session.method.summary(),
+            layers=list(session.layers),
+            test_accuracy=acc,
+            seconds=time.perf_counter() - t0,
+            finetune_epochs=epochs,
+            metric=value,
+            metric_name=name,
+        )
+        result.stages.append(record)
+        for cb in callbacks:
+            if hasattr(cb, "on_stage_end"):
+                cb.on_stage_end(index, record, model)
+        if accuracy_floor is not None and value is not None and value < accuracy_floor:
+            left = [s.label for s in recipe.stages[index + 1:]]
+            raise AccuracyFloorError(
+                f"stage {index + 1} ({stage.label}) left {name} at {value:.4g}, below "
+                f"accuracy_floor {accuracy_floor:.4g} (baseline {result.baseline_metric:.4g}); "
+                f"the recipe stopped there{f' (not run: {left})' if left else ''} and nothing "
+                "was saved. Fine-tune longer, compress less, or lower the floor; the result so "
+                "far is in this error's .result",
+                result,
             )
-        )
     if out is not None:
-        from deepsqueeze.dsq import inspect, load, save
-        from deepsqueeze.training.distributed import barrier, current_context, is_main_process
-
-        # under torchrun every rank holds the same model: rank 0 writes, the others read it back
-        if not is_main_process():
-            barrier(current_context())
-            result.file_report, result.path = inspect(out), Path(out)
-            if evaluate_file:
-                result.file_accuracy = test_accuracy(load(out))
-            return result
-        result.file_report = save(
-            model, out, encode=recipe.encode, extra_meta={"recipe": recipe.name, "dataset": dataset}
-        )
-        result.path = Path(out)
-        barrier(current_context())
-        if evaluate_file:
-            result.file_accuracy = test_accuracy(load(out))
+        _save(result, model, out, recipe, data, example_inputs, dense_parameters, skeleton,
+              evaluate_file, score)
     return result
+
+
+def _save(
+    result: CompressResult,
+    model: nn.Module,
+    out: str | Path,
+    recipe: Recipe,
+    data: _Data,
+    example_inputs: Inputs | None,
+    dense_parameters: int,
+    skeleton: nn.Module | None,
+    evaluate_file: bool,
+    score: Any,
+) -> None:
+    """Write the .dsq file (rank 0 under torchrun), then score the file itself."""
+    from deepsqueeze.dsq import inspect, load, save
+    from deepsqueeze.training.distributed import barrier, current_context, is_main_process
+
+    def load_file() -> nn.Module:
+        if skeleton is None:
+            return load(out)
+        return load(out, model=skeleton)
+
+    def score_file() -> None:
+        acc, value, _ = score(load_file())
+        result.file_accuracy, result.file_metric = acc, value
+
+    # under torchrun every rank holds the same model: rank 0 writes, the others read it back
+    if not is_main_process():
+        barrier(current_context())
+        result.file_report, result.path = inspect(out), Path(out)
+        if evaluate_file:
+            score_file()
+        return
+    meta: dict[str, Any] = {"recipe": recipe.name}
+    if data.dataset is not None:
+        meta["dataset"] = data.dataset
+    if skeleton is None:  # a zoo model: rebuilt from its spec
+        result.file_report = save(model, out, encode=recipe.encode, extra_meta=meta)
+    else:
+        result.file_report = save(
+            model, out, encode=recipe.encode, extra_meta=meta, example_inputs=example_inputs,
+            dense_parameters=dense_parameters,
+        )
+    result.path = Path(out)
+    barrier(current_context())
+    if evaluate_file:
+        score_file()

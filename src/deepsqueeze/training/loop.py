@@ -12,7 +12,7 @@ import gc
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -22,12 +22,30 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, TensorDataset, default_collate
 
 from deepsqueeze import models
 from deepsqueeze.data import ImageDataset
-from deepsqueeze.errors import CheckpointError, DeepSqueezeError, OptionError
+from deepsqueeze.data.loaders import (
+    DataLike,
+    as_dataset,
+    as_tuple,
+    batch_len,
+    iter_batches,
+    move,
+    split_batch,
+)
+from deepsqueeze.errors import CheckpointError, DataError, DeepSqueezeError, OptionError
 from deepsqueeze.io import CHECKPOINT_FORMAT, FORMAT_VERSION, atomic_save, safe_load
-from deepsqueeze.metrics.accuracy import AccuracyResult, accuracy_and_loss
+from deepsqueeze.methods.base import StepHook
+from deepsqueeze.metrics.accuracy import (
+    AccuracyResult,
+    LossFn,
+    Metric,
+    accuracy_and_loss,
+    evaluate_batches,
+    is_classification,
+)
 from deepsqueeze.options import describe_validation_error
 from deepsqueeze.progress import progress_bar
 from deepsqueeze.training.distributed import (
@@ -40,9 +58,6 @@ from deepsqueeze.training.distributed import (
     shard_batch,
 )
 from deepsqueeze.training.precision import Precision, resolve_device, resolve_precision
-
-StepHook = Callable[[int, nn.Module], None]
-"""Called after every optimizer step with the global step index (0-based) and the model."""
 
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
@@ -114,6 +129,7 @@ class FitResult:
     train_time_s: float = 0.0
     epochs_completed: int = 0
     resumed_from_epoch: int = 0
+    test_metric: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -211,18 +227,30 @@ def _per_sample_loss(
 
 def fit(
     model: nn.Module,
-    train_set: ImageDataset,
+    train_set: ImageDataset | DataLike,
     config: TrainConfig | None = None,
     *,
-    test_set: ImageDataset | None = None,
+    test_set: ImageDataset | DataLike | None = None,
     out_dir: str | Path | None = None,
     resume: bool = False,
     step_hooks: Sequence[StepHook] = (),
     progress: bool = True,
     description: str = "train",
     teacher: nn.Module | None = None,
+    loss_fn: LossFn | None = None,
+    metric: Metric | None = None,
 ) -> FitResult:
     """Train ``model`` in place on ``train_set`` and return the history.
+
+    ``train_set`` is one of our datasets (:class:`ImageDataset`) or the user's own data: a
+    ``DataLoader``, a ``Dataset`` of ``(inputs, target)`` items or a pair ``(X, y)`` (see
+    :mod:`deepsqueeze.data.loaders`); inputs may be a tuple for a model with several inputs
+    (``model(*inputs)``). ``loss_fn(outputs, target)`` (mean over the batch; default
+    cross-entropy) and ``metric`` (default top-1 accuracy; ``metric(outputs, targets)`` or
+    ``metric(model)``) apply to the user's data; a DataLoader is iterated as given (its order,
+    its batch size), other data in the order ``epoch_order(n, config.seed, epoch)`` with
+    ``config.batch_size``. Checkpoints (``out_dir``), ``augment`` and torchrun are for our
+    datasets only. An ImageDataset without ``loss_fn``/``metric`` takes the path described below.
 
     With ``config.distill > 0`` the loss is ``(1 - distill) * cross-entropy + distill * T² *
     KL(teacher || model)`` on softened outputs (temperature ``T``); ``teacher`` is then required
@@ -240,6 +268,42 @@ def fit(
     rank 0 writes files and draws the progress bar; every rank reads the checkpoint on resume
     and returns the same history.
     """
+    if (_is_image_data(train_set) and loss_fn is None and metric is None
+            and (test_set is None or _is_image_data(test_set))):
+        return _fit_images(model, train_set, config, test_set=test_set, out_dir=out_dir,
+                           resume=resume, step_hooks=step_hooks, progress=progress,
+                           description=description, teacher=teacher)
+    return _fit_batches(model, train_set, config, test_set=test_set, out_dir=out_dir,
+                        resume=resume, step_hooks=step_hooks, progress=progress,
+                        description=description, teacher=teacher, loss_fn=loss_fn,
+                        metric=metric)
+
+
+def _is_image_data(data: Any) -> bool:
+    """One of our datasets (or an object with the same ``normalized()``/``labels``/
+    ``input_shape``): the in-memory path of ``fit``."""
+    return isinstance(data, ImageDataset) or (
+        not isinstance(data, (DataLoader, tuple, list))
+        and callable(getattr(data, "normalized", None))
+        and isinstance(getattr(data, "labels", None), torch.Tensor)
+        and hasattr(data, "input_shape")
+    )
+
+
+def _fit_images(
+    model: nn.Module,
+    train_set: ImageDataset,
+    config: TrainConfig | None,
+    *,
+    test_set: ImageDataset | None,
+    out_dir: str | Path | None,
+    resume: bool,
+    step_hooks: Sequence[StepHook],
+    progress: bool,
+    description: str,
+    teacher: nn.Module | None,
+) -> FitResult:
+    """``fit`` on one of our datasets: in-memory tensors, index-slice batches, checkpoints."""
     cfg = config or TrainConfig()
     device = resolve_device(cfg.device)
     ctx = ensure_distributed(device)
@@ -412,6 +476,208 @@ def fit(
     if result.test_accuracy is None and result.history and "test_accuracy" in result.history[-1]:
         result.test_accuracy = result.history[-1]["test_accuracy"]
         result.test_loss = result.history[-1]["test_loss"]
+    model.eval()
+    return result
+
+
+def _batch_loss(
+    outputs: Any, y: torch.Tensor, xs: tuple[torch.Tensor, ...], teacher: nn.Module | None,
+    cfg: TrainConfig, loss_fn: LossFn | None,
+) -> torch.Tensor:
+    """The user's loss (default cross-entropy), blended with distillation when asked."""
+    if loss_fn is None:
+        if not is_classification(outputs, y):
+            raise DeepSqueezeError(
+                "the default loss is cross-entropy, for outputs (N, classes) and integer class "
+                f"targets (N,); got outputs {_shape(outputs)} and targets {_shape(y)}: pass "
+                "loss_fn=(outputs, target) -> scalar tensor (e.g. torch.nn.MSELoss())"
+            )
+        base = F.cross_entropy(outputs.float(), y)
+    else:
+        base = loss_fn(outputs, y)
+        if not isinstance(base, torch.Tensor) or base.numel() != 1:
+            raise DeepSqueezeError(
+                f"loss_fn must return a scalar tensor (the mean over the batch), got "
+                f"{_shape(base)}"
+            )
+        base = base.reshape(()).float()
+    if cfg.distill <= 0 or teacher is None:
+        return base
+    if not isinstance(outputs, torch.Tensor) or outputs.dim() < 2:
+        raise DeepSqueezeError(
+            f"distillation compares softmax outputs over dimension 1; the model gives "
+            f"{_shape(outputs)}: set distill: 0 for this model"
+        )
+    t = cfg.temperature
+    with torch.no_grad():
+        soft_target = F.softmax(teacher(*xs).float() / t, dim=1)
+    kl = F.kl_div(F.log_softmax(outputs.float() / t, dim=1), soft_target, reduction="none")
+    kl_per_sample = kl.sum(dim=1).reshape(len(kl), -1).mean(dim=1)
+    return (1 - cfg.distill) * base + cfg.distill * (t * t) * kl_per_sample.mean()
+
+
+def _shape(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {str(value.dtype).removeprefix('torch.')} tensor of shape {tuple(value.shape)}"
+    return f"a {type(value).__name__}"
+
+
+def _epoch_batches(
+    data: DataLike, cfg: TrainConfig, epoch: int
+) -> tuple[Iterator[Any], int]:
+    """The batches of one epoch and how many there are.
+
+    A DataLoader is iterated as given; other data is batched in ``epoch_order`` (a pure function
+    of the seed and the epoch, as for our datasets)."""
+    if isinstance(data, DataLoader):
+        try:
+            count = len(data)
+        except TypeError as exc:
+            raise DataError(
+                "train_data is a DataLoader over an iterable dataset without a length; training "
+                "needs the number of batches per epoch: give a map-style Dataset or define "
+                "__len__"
+            ) from exc
+        # a generator, so the loader's iterator (which draws from its generator) is created
+        # only when the epoch starts, as in the user's own loop
+        return (batch for batch in data), count
+    dataset = as_dataset(data)
+    if dataset is None:
+        raise DataError("train_data: an iterable dataset needs a DataLoader with a known length")
+    n = len(dataset)  # type: ignore[arg-type]
+    if n == 0:
+        raise DataError("train_data holds no samples")
+    order = epoch_order(n, cfg.seed, epoch)
+    size = cfg.batch_size
+
+    def batches() -> Iterator[Any]:
+        for start in range(0, n, size):
+            idx = order[start : start + size]
+            if isinstance(dataset, TensorDataset):
+                yield [t[idx] for t in dataset.tensors]
+            else:
+                yield default_collate([dataset[i] for i in idx.tolist()])
+
+    return batches(), math.ceil(n / size)
+
+
+def _fit_batches(
+    model: nn.Module,
+    train_data: DataLike,
+    config: TrainConfig | None,
+    *,
+    test_set: DataLike | None,
+    out_dir: str | Path | None,
+    resume: bool,
+    step_hooks: Sequence[StepHook],
+    progress: bool,
+    description: str,
+    teacher: nn.Module | None,
+    loss_fn: LossFn | None,
+    metric: Metric | None,
+) -> FitResult:
+    """``fit`` on the user's own data: batches of ``(inputs, target)``, the user's loss."""
+    cfg = config or TrainConfig()
+    if out_dir is not None or resume:
+        raise OptionError(
+            "checkpoints and resume (out_dir/resume) are for deepsqueeze's datasets; with your "
+            "own data, save the model yourself between fit calls"
+        )
+    if cfg.augment:
+        raise OptionError(
+            "augment (crop + flip) applies to deepsqueeze's image datasets; augment your own "
+            "data in your Dataset or DataLoader (e.g. torchvision transforms)"
+        )
+    device = resolve_device(cfg.device)
+    ctx = ensure_distributed(device)
+    if ctx.is_distributed:
+        raise DeepSqueezeError(
+            "data-parallel training under torchrun takes a deepsqueeze dataset; with your own "
+            "data, wrap the model in DistributedDataParallel in your own loop and drive the "
+            "compression with deepsqueeze.prepare(...) and session.step()"
+        )
+    policy = resolve_precision(cfg.precision, device)
+    if cfg.distill > 0:
+        if teacher is None:
+            raise DeepSqueezeError(
+                "distill > 0 needs a teacher model: pass teacher= to fit (compress passes the "
+                "model as it was before compression)"
+            )
+        teacher = teacher.to(device).eval()
+    model.to(device)
+    if not isinstance(train_data, DataLoader):  # (X, y), ImageDataset: tensors built once
+        train_data = as_dataset(train_data) or train_data
+    _, steps_per_epoch = _epoch_batches(train_data, cfg, 0)
+    if steps_per_epoch == 0:
+        raise DataError("train_data holds no batches")
+    total_steps = math.ceil(cfg.epochs * steps_per_epoch)
+    num_epochs = math.ceil(cfg.epochs)
+    opt = _optimizer(model, cfg)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.lr_schedule, total_steps))
+    scaler = policy.grad_scaler(device)
+    result = FitResult()
+    step = 0
+    t_start = time.perf_counter()
+    with progress_bar(enabled=progress) as bar:
+        for epoch in range(num_epochs):
+            epoch_steps = min(steps_per_epoch, total_steps - epoch * steps_per_epoch)
+            task = bar.add_task(
+                f"{description} epoch {epoch + 1}/{num_epochs}", total=epoch_steps, status=""
+            )
+            batches, _ = _epoch_batches(train_data, cfg, epoch)
+            model.train()
+            loss_sum, hits, seen, classify = 0.0, 0.0, 0, True
+            t_epoch = time.perf_counter()
+            for i, batch in zip(range(epoch_steps), batches):  # noqa: B905 (stops at steps)
+                inputs, y = split_batch(batch, "train_data")
+                xs = as_tuple(move(inputs, device))
+                y = y.to(device, non_blocking=True)
+                with policy.autocast(device):
+                    outputs = model(*xs)
+                    loss = _batch_loss(outputs, y, xs, teacher, cfg, loss_fn)
+                if not torch.isfinite(loss):
+                    raise DeepSqueezeError(
+                        f"loss became {loss.item()} at epoch {epoch + 1} step {i + 1}; lower the "
+                        "learning rate (lr) or use precision fp32"
+                    )
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+                sched.step()
+                for hook in step_hooks:
+                    hook(step, model)
+                step += 1
+                n = batch_len(xs)
+                loss_sum += float(loss.detach()) * n
+                seen += n
+                classify = classify and is_classification(outputs, y)
+                if classify:
+                    hits += float((outputs.detach().argmax(1) == y).sum())
+                if i % 20 == 0 or i == epoch_steps - 1:
+                    acc = f" acc {hits / max(seen, 1):.2%}" if classify else ""
+                    bar.update(task, completed=i + 1,
+                               status=f"loss {loss_sum / max(seen, 1):.4f}{acc}")
+            elapsed = time.perf_counter() - t_epoch
+            record: dict[str, Any] = {
+                "epoch": epoch + 1,
+                "step": step,
+                "train_loss": loss_sum / max(seen, 1),
+                "train_accuracy": hits / max(seen, 1) if classify else None,
+                "lr": opt.param_groups[0]["lr"],
+                "epoch_time_s": elapsed,
+                "samples_per_s": seen / max(elapsed, 1e-9),
+            }
+            if test_set is not None:
+                scored = evaluate_batches(model, iter_batches(test_set), loss_fn, metric)
+                record.update(test_metric=scored.metric, test_loss=scored.loss)
+                if scored.name == "accuracy" and metric is None:
+                    record["test_accuracy"] = scored.metric
+                result.test_metric, result.test_loss = scored.metric, scored.loss
+                result.test_accuracy = record.get("test_accuracy")
+            result.history.append(record)
+    result.train_time_s = time.perf_counter() - t_start
+    result.epochs_completed = num_epochs
     model.eval()
     return result
 

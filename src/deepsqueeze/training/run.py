@@ -18,6 +18,7 @@ from torch import nn
 
 from deepsqueeze import models
 from deepsqueeze.data import ImageDataset, load_dataset
+from deepsqueeze.data.loaders import Inputs, as_tuple
 from deepsqueeze.errors import CheckpointError, DeepSqueezeError, ModelError, OptionError
 from deepsqueeze.io import atomic_write, save_model
 from deepsqueeze.options import check_int, short_repr
@@ -67,7 +68,16 @@ def model_kwargs_for(name: str, dataset: ImageDataset, overrides: dict[str, Any]
 
 
 def check_fits(model: nn.Module, dataset: ImageDataset) -> None:
-    """Raise a clear error when the dataset's images or classes do not fit the model."""
+    """Raise a clear error when the dataset's images or classes do not fit the model.
+
+    A zoo model's expected input shape comes from its spec; a user's own module (no spec) is run
+    once on the dataset's first image instead (:func:`check_forward`)."""
+    try:
+        models.spec_of(model)
+    except ModelError:
+        first = dataset.images[:1].to(torch.float32) / 255.0
+        check_forward(model, first, f"{dataset.name} images")
+        return
     expected = tuple(models.input_shape_of(model))
     if expected != tuple(dataset.input_shape):
         raise ModelError(
@@ -75,6 +85,34 @@ def check_fits(model: nn.Module, dataset: ImageDataset) -> None:
             f"{dataset.name} has images of shape {tuple(dataset.input_shape)}; build the model "
             "for this dataset (train does this for you) or pick a matching dataset"
         )
+
+
+def check_forward(model: nn.Module, example_inputs: Inputs, where: str) -> None:
+    """Run ``model(*example_inputs)`` once (eval mode, no grad) so that a model and data that do
+    not fit fail here, clearly, instead of deep in training."""
+    xs = as_tuple(example_inputs)
+    if not xs or not all(isinstance(x, torch.Tensor) for x in xs):
+        raise OptionError(
+            f"example_inputs must be a tensor or a tuple of tensors (batch dimension first), got "
+            f"{short_repr(example_inputs)}"
+        )
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters(), torch.empty(0)).device
+    try:
+        with torch.no_grad():
+            model(*(x.to(device) for x in xs))
+    except Exception as exc:  # any failure of the user's forward is reported
+        shapes = ", ".join(f"{tuple(x.shape)} {str(x.dtype).removeprefix('torch.')}" for x in xs)
+        detail = " ".join(str(exc).split())[:300]
+        raise ModelError(
+            f"{type(model).__name__} cannot run on {where} (model(*inputs) with {len(xs)} "
+            f"input(s) of shape {shapes}): {type(exc).__name__}: {detail}. A batch is "
+            "(inputs, target); inputs is a tensor, or a tuple of tensors for a model whose "
+            "forward takes several"
+        ) from exc
+    finally:
+        model.train(was_training)
 
 
 def _config_from(options: dict[str, Any], model_name: str, source: str = "") -> TrainConfig:
@@ -225,4 +263,6 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-__all__ = ["RECOMMENDED", "TrainResult", "check_fits", "model_kwargs_for", "train"]
+__all__ = [
+    "RECOMMENDED", "TrainResult", "check_fits", "check_forward", "model_kwargs_for", "train",
+]
