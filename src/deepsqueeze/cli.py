@@ -87,6 +87,24 @@ def _write_json(path: Path | None, data: dict[str, Any], announce: bool = False)
         console.print(f"numbers written to {path}")
 
 
+def show(table: Table) -> None:
+    """Print ``table`` with every character of its names: name columns fold at the terminal's
+    width instead of being cut with an ellipsis, number columns stay whole, and output that is
+    not a terminal (a file, a pipe) gets the table's full width."""
+    for column in table.columns:
+        if column.justify == "right":
+            column.no_wrap = True
+        else:
+            column.overflow = "fold"
+    if not console.is_terminal:
+        wide = console.options.update_width(1 << 14)
+        width = console.measure(table, options=wide).maximum
+        if width > console.width:
+            PlainConsole(file=console.file, width=width).print(table)
+            return
+    console.print(table)
+
+
 def _labelled(label: str, style: str, message: str) -> Text:
     """``label message`` with only our label styled (``message`` shown as plain text)."""
     return Text.assemble((label, style), " ", printable(message))
@@ -176,7 +194,7 @@ def evaluate(
         model_file, dataset, split=split, data_dir=data_dir, subset=subset,
         measure_speed=speed, latency_runs=runs, throughput_batch=throughput_batch,
     )
-    console.print(report.table())
+    show(report.table())
     _write_json(json_out, report.to_dict(), announce=True)
 
 
@@ -209,8 +227,8 @@ def compress(
         stages.add_row(st.stage, ", ".join(st.layers) if len(st.layers) <= 4 else
                        f"{len(st.layers)} layers", f"{st.finetune_epochs:g}",
                        f"{st.test_accuracy:.2%}", f"{st.seconds:.1f}")
-    console.print(stages)
-    console.print(result.file_report.table())
+    show(stages)
+    show(result.file_report.table())
     console.print(
         f"{out}: {result.file_report.file_bytes:,} bytes, "
         f"{result.file_report.compression:.1f}x smaller than dense fp32; accuracy of the file "
@@ -231,7 +249,7 @@ def inspect(
 
     _check_outputs(json_out, [dsq_file])
     report = run_inspect(dsq_file)
-    console.print(report.table())
+    show(report.table())
     _write_json(json_out, report.to_dict())
 
 
@@ -270,10 +288,10 @@ def bench(
         autotune=autotune, memory_budget=memory_budget or None,
         progress=lambda msg: err_console.print(Text(printable(msg), style="dim")),
     )
-    console.print(report.speed_table())
-    console.print(report.memory_table())
+    show(report.speed_table())
+    show(report.memory_table())
     for info in report.runtime_infos.values():
-        console.print(info.table())
+        show(info.table())
     for note in report.notes:
         console.print(_labelled("note:", "yellow", note))
     _write_json(json_out, report.to_dict(), announce=True)
@@ -293,8 +311,9 @@ def export(
 
 @app.command("models")
 def list_models() -> None:
-    """List the model zoo."""
+    """List the model zoo and the models installed packages register (``deepsqueeze.models``)."""
     from deepsqueeze import models
+    from deepsqueeze.usercode import ENTRY_POINT_GROUP, registered_models
 
     table = Table(title="deepsqueeze model zoo")
     for col in ("name", "input (C,H,W)", "description"):
@@ -302,7 +321,16 @@ def list_models() -> None:
     for name in models.list_models():
         info = models.model_info(name)
         table.add_row(name, str(tuple(info.input_shape)), info.description)
-    console.print(table)
+    show(table)
+    registered = registered_models()
+    if registered:
+        extra = Table(title=f"registered by installed packages ({ENTRY_POINT_GROUP}); "
+                            "use with --model-code NAME")
+        for col in ("name", "object", "package"):
+            extra.add_column(col)
+        for entry in registered.values():
+            extra.add_row(entry.name, entry.value, entry.package)
+        show(extra)
 
 
 @app.command("datasets")
@@ -319,7 +347,7 @@ def list_datasets(data_dir: DataDir = None) -> None:
         except DeepSqueezeError:
             where = "not found (downloaded on first use when online)"
         table.add_row(name, str(info.num_classes), str(tuple(info.image_shape)), where)
-    console.print(table)
+    show(table)
 
 
 def one_line(message: str) -> str:
