@@ -21,7 +21,7 @@ from typing import Any, Union
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset, default_collate
 
 from deepsqueeze.errors import DataError
 
@@ -176,15 +176,29 @@ def first_inputs(data: DataLike) -> Inputs:
             raise DataError("the data holds no samples")
         one = ImageDataset(data.name, data.split, data.images[:1], data.labels[:1], data.info)
         return one.normalized()
-    dataset = as_dataset(data)
-    if dataset is not None and not isinstance(data, DataLoader):
+    source = data.dataset if isinstance(data, DataLoader) else as_dataset(data)
+    if source is not None and not isinstance(source, IterableDataset):
+        # one item, collated: the loader is not iterated, so its sampler and generator (and
+        # the global RNG it would draw a seed from) are left as they are
         try:
-            if len(dataset) == 0:  # type: ignore[arg-type]
-                raise DataError("the data holds no samples")
+            count = len(source)  # type: ignore[arg-type]
         except TypeError:
-            pass
-    for inputs, _ in iter_batches(data, batch_size=1):
-        return inputs
+            count = None
+        if count == 0:
+            raise DataError("the data holds no samples")
+        if count is not None:
+            collate = data.collate_fn if isinstance(data, DataLoader) else default_collate
+            inputs, _ = split_batch(collate([source[0]]), "data")
+            return inputs
+    generator = data.generator if isinstance(data, DataLoader) else None
+    saved = generator.get_state() if generator is not None else None
+    with torch.random.fork_rng(devices=[]):
+        try:
+            for inputs, _ in iter_batches(data, batch_size=1):
+                return inputs
+        finally:
+            if generator is not None and saved is not None:
+                generator.set_state(saved)
     raise DataError("the data holds no samples")
 
 

@@ -198,7 +198,10 @@ def _scorer(
         return builtin
 
     def user(net: nn.Module) -> tuple[float | None, float | None, str]:
-        scored = evaluate_batches(net.cpu(), iter_batches(data), loss_fn, metric)
+        # iterating a DataLoader draws a seed from the global RNG: scoring must not change
+        # what the fine-tuning that follows sees (dropout, the user's shuffling)
+        with torch.random.fork_rng(devices=[]):
+            scored = evaluate_batches(net.cpu(), iter_batches(data), loss_fn, metric)
         acc = scored.metric if metric is None else None
         return acc, scored.metric, scored.name
 

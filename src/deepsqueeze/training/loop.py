@@ -174,8 +174,9 @@ def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     if not params:
         raise DeepSqueezeError("the model has no trainable parameters")
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(
-            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True
+        return torch.optim.SGD(  # Nesterov needs momentum: momentum 0 is plain SGD
+            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+            nesterov=cfg.momentum > 0,
         )
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -538,9 +539,13 @@ def _epoch_batches(
                 "needs the number of batches per epoch: give a map-style Dataset or define "
                 "__len__"
             ) from exc
-        # a generator, so the loader's iterator (which draws from its generator) is created
-        # only when the epoch starts, as in the user's own loop
-        return (batch for batch in data), count
+        def lazy() -> Iterator[Any]:
+            # the loader's iterator (which draws from its generator, or the global RNG) is
+            # created when the epoch starts, as in the user's own loop (a generator expression
+            # would create it at once)
+            yield from data
+
+        return lazy(), count
     dataset = as_dataset(data)
     if dataset is None:
         raise DataError("train_data: an iterable dataset needs a DataLoader with a known length")
@@ -628,7 +633,9 @@ def _fit_batches(
             model.train()
             loss_sum, hits, seen, classify = 0.0, 0.0, 0, True
             t_epoch = time.perf_counter()
-            for i, batch in zip(range(epoch_steps), batches):  # noqa: B905 (stops at steps)
+            for i, batch in enumerate(batches):
+                if i >= epoch_steps:  # a loader longer than its len(): the epoch ends there
+                    break
                 inputs, y = split_batch(batch, "train_data")
                 xs = as_tuple(move(inputs, device))
                 y = y.to(device, non_blocking=True)
@@ -658,6 +665,10 @@ def _fit_batches(
                     acc = f" acc {hits / max(seen, 1):.2%}" if classify else ""
                     bar.update(task, completed=i + 1,
                                status=f"loss {loss_sum / max(seen, 1):.4f}{acc}")
+                if i + 1 == epoch_steps < steps_per_epoch:  # a fractional last epoch ends here
+                    break
+                # a full epoch runs the loader to its end, as a user's `for x, y in loader`
+                # does (its sampler's last draws from its generator included)
             elapsed = time.perf_counter() - t_epoch
             record: dict[str, Any] = {
                 "epoch": epoch + 1,
