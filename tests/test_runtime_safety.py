@@ -970,3 +970,26 @@ def test_cache_scan_is_linear_and_never_blocks(tmp_path):
     os.mkfifo(fifo)
     with pytest.warns(RuntimeWarning, match="FIFO"):
         assert _in_thread(lambda: at.load_cache(fifo), 10) == {}
+
+
+def test_fused_model_raises_without_printing(tmp_path, capfd):
+    """A fused runtime model is a torch.fx GraphModule, whose call wrapper printed the generated
+    code's traceback to stderr when a graph op (the flatten before a dense fc1) refused the
+    input (found by benchmarks/fuzz_runtime.py); now it only raises, as the dense model does."""
+    torch.manual_seed(0)
+    model = _apply(models.create("lenet300"), "prune", layers=["fc2", "fc3"], sparsity=0.9)
+    path = tmp_path / "dense-fc1.dsq"
+    save(model, path)
+    dense = load(path)
+    fused = load(path, mode="runtime", autotune=False, fuse=True)
+    assert isinstance(fused, torch.fx.GraphModule)
+    for bad in (torch.zeros(12), torch.zeros(())):
+        with pytest.raises(Exception) as dense_exc:
+            dense(bad)
+        with pytest.raises(Exception) as fused_exc:
+            fused(bad)
+        assert isinstance(fused_exc.value, (type(dense_exc.value), DeepSqueezeError))
+    out, err = capfd.readouterr()
+    assert "Traceback" not in err and "FX-traced" not in err, err
+    x = torch.randn(3, 1, 28, 28)
+    assert torch.allclose(fused(x), dense(x), atol=1e-5)

@@ -252,3 +252,15 @@ def fuse_conv_relus(gm: fx.GraphModule) -> list[str]:
             gm.graph.erase_node(nxt)
             fused.append(str(node.target))
     return fused
+
+
+def raise_plainly(gm: fx.GraphModule) -> fx.GraphModule:
+    """Make ``gm`` raise errors of its graph ops as a plain module does.
+
+    torch.fx's call wrapper prints the generated forward's source and traceback to stderr before
+    re-raising an error of a graph op (say a ``flatten`` given a 1-D input), where the dense
+    model only raises. Every GraphModule has a class of its own, so this changes ``gm`` only
+    (until it is recompiled).
+    """
+    type(gm).__call__ = nn.Module.__call__  # type: ignore[method-assign]
+    return gm

@@ -289,6 +289,7 @@ def _fuse(
         FusedChain,
         find_segments,
         fuse_conv_relus,
+        raise_plainly,
         replace_segment,
         segment_callable,
         trace,
@@ -340,6 +341,7 @@ def _fuse(
     gm.graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()
+    raise_plainly(gm)
     if cache and updates:
         at.save_cache(updates)
     setattr(gm, SPEC_ATTR, models.spec_of(model))
