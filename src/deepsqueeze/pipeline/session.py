@@ -4,15 +4,14 @@
 Lightning, Hugging Face) drive the same stages with a :class:`CompressionSession`, as TF-MOT's
 ``UpdatePruningStep`` callback or NNI's evaluator do::
 
-    session = deepsqueeze.prepare(model, "recipe.yaml")   # stage 1's method applied in place
+    session = deepsqueeze.prepare(model, "recipe.yaml", example_inputs=x0)  # stage 1 applied
     for stage in session:                  # each stage: method applied, then finalized at the end
         opt = torch.optim.SGD(model.parameters(), lr=0.01)  # after the stage is applied
         for x, y in loader:
             loss = loss_fn(model(x), y)
             opt.zero_grad(); loss.backward(); opt.step()
             session.step()                 # after every optimizer step: drives the schedules
-    session.finalize()                     # every stage done; parametrizations baked into weights
-    deepsqueeze.save(model, "model.dsq", example_inputs=x[:1])
+    session.save("model.dsq")              # finalize() (bakes), then deepsqueeze.save(...)
 
 ``compress`` itself runs through a session (its fine-tuning calls ``session.step`` after every
 optimizer step), so a user's loop that makes the same updates gives the same weights.
@@ -29,9 +28,13 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from deepsqueeze import models
+from deepsqueeze.data.loaders import Inputs
 from deepsqueeze.errors import DeepSqueezeError, ModelError, RecipeError
 from deepsqueeze.methods.base import Method, StepHook, select_layers
+from deepsqueeze.metrics.size import parameter_count
+from deepsqueeze.outputs import check_output_file
 from deepsqueeze.pipeline.recipe import Recipe, Stage, load_recipe
+from deepsqueeze.training.run import check_forward
 
 
 def check_finite(model: nn.Module, layers: dict[str, nn.Module]) -> None:
@@ -90,7 +93,13 @@ class CompressionSession:
     session starts each stage, hands it to the loop body, and ends it when the body is done.
     """
 
-    def __init__(self, model: nn.Module, recipe: Recipe | str | Path | dict[str, Any]) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        recipe: Recipe | str | Path | dict[str, Any],
+        *,
+        example_inputs: Inputs | None = None,
+    ) -> None:
         if not isinstance(model, nn.Module):
             raise ModelError(
                 f"prepare() takes a torch nn.Module, got {type(model).__name__}"
@@ -98,6 +107,10 @@ class CompressionSession:
         self.model = model
         self.recipe = load_recipe(recipe)
         check_recipe_model(model, self.recipe)
+        if example_inputs is not None:
+            check_forward(model, example_inputs, "example_inputs")
+        self.example_inputs = example_inputs
+        self.dense_parameters = parameter_count(model)  # before compression: the ratio's base
         self.methods: list[Method] = self.recipe.methods()
         self.index = -1  # the current stage; -1 before the first, len(stages) after the last
         self.layers: dict[str, nn.Module] = {}
@@ -210,6 +223,22 @@ class CompressionSession:
         self._finalized = True
         return self.model
 
+    def save(self, path: str | Path, **options: Any) -> Any:
+        """Finalize and write the model as a .dsq file with ``deepsqueeze.save``: the recipe's
+        encoding, its name in the manifest, the session's ``example_inputs`` and the parameter
+        count before compression (so the ratio is measured against the original model).
+        ``options`` go to ``deepsqueeze.save`` (e.g. ``extra_meta``); returns its FileReport."""
+        from deepsqueeze.dsq import save
+
+        check_output_file(path)
+        self.finalize()
+        extra = {**options.pop("extra_meta", {}), "recipe": self.recipe.name}
+        if spec_or_none(self.model) is not None:  # a zoo model is rebuilt from its spec
+            return save(self.model, path, encode=self.recipe.encode, extra_meta=extra, **options)
+        options.setdefault("example_inputs", self.example_inputs)
+        options.setdefault("dense_parameters", self.dense_parameters)
+        return save(self.model, path, encode=self.recipe.encode, extra_meta=extra, **options)
+
     def __repr__(self) -> str:
         where = ("not started" if self.index < 0 else "done" if self.done
                  else f"stage {self.index + 1}/{len(self.recipe.stages)} {self.stage.label}")
@@ -217,11 +246,16 @@ class CompressionSession:
 
 
 def prepare(
-    model: nn.Module, recipe: Recipe | str | Path | dict[str, Any]
+    model: nn.Module,
+    recipe: Recipe | str | Path | dict[str, Any],
+    *,
+    example_inputs: Inputs | None = None,
 ) -> CompressionSession:
     """Start compressing ``model`` in place with ``recipe`` in the user's own training loop:
-    the first stage's method is applied; see :class:`CompressionSession`."""
-    session = CompressionSession(model, recipe)
+    the first stage's method is applied; see :class:`CompressionSession`. ``example_inputs``
+    (a tensor or a tuple, batch dimension first) are checked to run through the model and are
+    what :meth:`CompressionSession.save` records."""
+    session = CompressionSession(model, recipe, example_inputs=example_inputs)
     session.start_stage()
     return session
 
