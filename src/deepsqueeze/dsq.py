@@ -2,8 +2,12 @@
 
 ``save`` bakes every parametrization (masks, codebooks) into plain weights, encodes each tensor in
 the fewest bytes its values allow (see :mod:`deepsqueeze.codec.tensor`) and writes the container
-atomically. ``load`` rebuilds the zoo model from the manifest's spec (resized when channels were
-pruned) and fills it with the decoded weights. ``inspect`` reports per-layer sizes from the file.
+atomically. ``load`` rebuilds the model the manifest describes and fills it with the decoded
+weights: a zoo model from its spec (resized when channels were pruned), a user's own model from
+its declarative graph (:mod:`deepsqueeze.models.graph`) or into the user's skeleton
+(``load(path, model=MyNet())``, strict names and shapes). ``inspect`` reports per-layer sizes
+from the file alone. :func:`read_model_file` is the one reader that both ``load`` and the
+runtime (:mod:`deepsqueeze.runtime.loader`) use.
 
 Files are untrusted input: ``load`` and ``inspect`` check every manifest field and bound what they
 allocate by the file's size before decoding; the model is built on the meta device, checked
@@ -21,7 +25,6 @@ from typing import Any, Literal
 import torch
 from rich.table import Table
 from torch import nn
-from torch.nn.utils import parametrize
 
 from deepsqueeze import models
 from deepsqueeze.codec.container import DsqFile, read_dsq, write_dsq
@@ -29,6 +32,9 @@ from deepsqueeze.codec.tensor import ENCODINGS, decode_tensor, encode_tensor
 from deepsqueeze.errors import DeepSqueezeError, DsqFormatError, ModelError
 from deepsqueeze.io import load_model, model_for_shapes
 from deepsqueeze.metrics.size import FP32_BYTES, parameter_count
+from deepsqueeze.models.graph import USER_ATTR, UserModel, describe, rebuild
+from deepsqueeze.models.registry import SPEC_ATTR
+from deepsqueeze.models.state import fit_skeleton, meta_copy, plain_state
 from deepsqueeze.pipeline.recipe import EncodeOptions
 
 FORMAT_NAME = "deepsqueeze-model"
@@ -43,36 +49,21 @@ MAX_COUNT = (1 << 63) - 1
 Source = str | Path | bytes | bytearray | memoryview
 """A .dsq file: its path, or its bytes."""
 
+__all__ = [
+    "FileReport",
+    "LayerRow",
+    "StoredModel",
+    "inspect",
+    "load",
+    "load_model_or_dsq",
+    "plain_state",
+    "read_model_file",
+    "save",
+]
+
 
 def _label(source: Source) -> str:
     return "<bytes>" if isinstance(source, (bytes, bytearray, memoryview)) else str(source)
-
-
-def plain_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """``model``'s state dict with every parametrization replaced by its effective value.
-
-    Returns the tensors (keys as in the unparametrized model) and the names that are parameters.
-    The model itself is not touched (removing parametrizations from a deep copy would not do:
-    the copy shares the parametrized class whose properties removal deletes).
-    """
-    state: dict[str, torch.Tensor] = {}
-    params: list[str] = []
-    for mname, module in model.named_modules():
-        if mname.startswith("parametrizations") or ".parametrizations" in mname:
-            continue
-        prefix = f"{mname}." if mname else ""
-        for pname, p in module.named_parameters(recurse=False):
-            state[prefix + pname] = p.detach().cpu()
-            params.append(prefix + pname)
-        if parametrize.is_parametrized(module):
-            for pname in module.parametrizations:
-                state[prefix + pname] = getattr(module, pname).detach().cpu()
-                params.append(prefix + pname)
-        skip = getattr(module, "_non_persistent_buffers_set", set())
-        for bname, b in module.named_buffers(recurse=False):
-            if bname not in skip:
-                state[prefix + bname] = b.detach().cpu()
-    return state, params
 
 
 @dataclass
@@ -107,6 +98,15 @@ class FileReport:
     header_bytes: int
     dense_bytes: int
     layers: list[LayerRow] = field(default_factory=list)
+    kind: str = "zoo"
+    """``zoo`` (rebuilt by name from the registry) or ``user`` (the user's own model)."""
+    class_name: str | None = None
+    """A user model's class, ``module:qualname`` (informational, never imported)."""
+    inputs: list[list[Any]] | None = None
+    """A user model's inputs ``[shape without batch, dtype]``, None when not recorded."""
+    graph: bool = False
+    """Whether the file holds a user model's graph, so it loads without the Python class (a zoo
+    model always does: it is rebuilt by name)."""
 
     @property
     def compression(self) -> float:
@@ -123,6 +123,13 @@ class FileReport:
 
     def table(self) -> Table:
         table = Table(title=f"{self.path} ({self.model})")
+        if self.kind == "user":
+            shapes = "unknown" if self.inputs is None else ", ".join(
+                f"{'×'.join(map(str, shape)) or 'scalar'} {dtype}" for shape, dtype in self.inputs)
+            table.caption = (
+                f"user model {self.class_name}; inputs: {shapes}; graph: "
+                f"{'yes (loads without the class)' if self.graph else 'no (load with model=)'}"
+            )
         for col in (
             "layer",
             "weights",
@@ -166,17 +173,44 @@ def save(
     *,
     encode: EncodeOptions | dict[str, Any] | None = None,
     extra_meta: dict[str, Any] | None = None,
+    example_inputs: torch.Tensor | tuple[torch.Tensor, ...] | None = None,
+    dense_parameters: int | None = None,
 ) -> FileReport:
-    """Write ``model`` (a zoo model, any training form) as a .dsq file; return its size table."""
+    """Write ``model`` (any ``nn.Module``, any training form) as a .dsq file; return its table.
+
+    A zoo model is recorded by its spec. Any other model is recorded as a user model: its class
+    name (informational), its inputs (from ``example_inputs``, batch dimension first; unknown
+    without them unless the model was loaded from a file that records them) and, where it can
+    be captured, its architecture as a graph (:func:`deepsqueeze.models.graph.capture`), so the
+    file loads without the class. ``dense_parameters`` is the parameter count of the model
+    *before* compression (the ratio's numerator; a compression pipeline passes it): by default
+    the zoo spec's dense model, or for a user model its own parameters.
+    """
     opts = encode if isinstance(encode, EncodeOptions) else EncodeOptions(**(encode or {}))
-    spec = models.spec_of(model)
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"save: expected a torch nn.Module, got {type(model).__name__}")
+    if dense_parameters is not None and (
+        type(dense_parameters) is not int or not 0 <= dense_parameters <= MAX_COUNT
+    ):
+        raise ModelError(
+            f"save: dense_parameters must be a non-negative integer, got {dense_parameters!r:.40}"
+        )
     state, param_names = plain_state(model)
     bad = [
         k for k, v in state.items() if torch.is_floating_point(v) and not torch.isfinite(v).all()
     ]
     if bad:
         raise ModelError(f"refusing to save: NaN or Inf values in {', '.join(bad)}")
-    original = models.create(spec.name, **spec.kwargs)
+    spec = getattr(model, SPEC_ATTR, None)
+    if isinstance(spec, models.ModelSpec):
+        description: dict[str, Any] = spec.to_dict()
+        if dense_parameters is None:
+            with torch.device("meta"):
+                dense_parameters = parameter_count(models.create(spec.name, **spec.kwargs))
+    else:
+        description = describe(model, example_inputs).to_dict()
+        if dense_parameters is None:
+            dense_parameters = sum(state[k].numel() for k in param_names)
     entries, sections = [], {}
     for key, tensor in state.items():
         enc = encode_tensor(
@@ -191,8 +225,8 @@ def save(
         sections.update(enc.sections)
     meta = {
         "format": FORMAT_NAME,
-        "model": spec.to_dict(),
-        "dense_parameters": parameter_count(original),
+        "model": description,
+        "dense_parameters": dense_parameters,
         "parameters": param_names,
         "tensors": entries,
         **(extra_meta or {}),
@@ -264,31 +298,153 @@ def _decode(entry: dict[str, Any], sections: dict[str, bytes]) -> torch.Tensor:
     return tensor
 
 
-def _read_checked(
-    path: Source,
-) -> tuple[str, DsqFile, list[dict[str, Any]], models.ModelSpec]:
-    """Read a .dsq file and check its manifest: (label, file, tensor entries, model spec)."""
-    where = _label(path)
-    dsq = read_dsq(path)
+@dataclass
+class StoredModel:
+    """A .dsq file read and checked: its manifest, its tensors (decoded on demand) and the
+    description of its model (a zoo spec or a :class:`UserModel`)."""
+
+    source: str
+    file: DsqFile
+    entries: dict[str, dict[str, Any]]
+    """Tensor name → manifest entry (checked: name, shape, encoding)."""
+    spec: models.ModelSpec | None
+    user: UserModel | None
+
+    @property
+    def sections(self) -> dict[str, bytes]:
+        return self.file.sections
+
+    @property
+    def file_size(self) -> int:
+        return self.file.file_size
+
+    @property
+    def dense_parameters(self) -> int:
+        return int(self.file.meta.get("dense_parameters", 0))
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {name: tuple(e["shape"]) for name, e in self.entries.items()}
+
+    @property
+    def kind(self) -> str:
+        return "zoo" if self.spec is not None else "user"
+
+    @property
+    def name(self) -> str:
+        """The zoo model's name, or the user model's class name without its module."""
+        return self.spec.name if self.spec is not None else self.user.short_name  # type: ignore[union-attr]
+
+    def decode(self, name: str) -> torch.Tensor:
+        """Tensor ``name`` decoded (checked; NaN or Inf is a :class:`DsqFormatError`)."""
+        return _decode(self.entries[name], self.file.sections)
+
+    def skeleton(self, model: nn.Module | None = None) -> nn.Module:
+        """The stored model on the meta device, sized and checked for the stored shapes.
+
+        ``model`` (a user's instance of the architecture) is copied to meta, checked against
+        the stored names and shapes and resized where a channel-pruned layer is smaller
+        (:func:`~deepsqueeze.models.state.fit_skeleton`; a mismatch is a :class:`ModelError`).
+        Without it: a zoo model from the registry, a user model from its graph; a user model
+        stored without a graph is a :class:`ModelError` saying how to load it.
+        """
+        if model is not None:  # the user's own code: checked by names and shapes only
+            return fit_skeleton(meta_copy(model), self.shapes, self.source)
+        if self.spec is not None:
+            try:
+                return model_for_shapes(self.spec, self.shapes)
+            except ModelError as exc:
+                raise DsqFormatError(f"{self.source}: {exc}") from exc
+        user = self.user
+        assert user is not None
+        if user.graph is None:
+            short = user.short_name
+            raise ModelError(
+                f"{self.source} holds a {short} ({user.class_name}) stored without a graph "
+                f"(its forward could not be captured from allowlisted operations): load it with "
+                f"deepsqueeze.load(path, model={short}()), passing an instance of the class"
+            )
+        try:
+            built = rebuild(user.graph)
+        except DsqFormatError as exc:
+            raise DsqFormatError(f"{self.source}: {exc}") from exc
+        have = {k: tuple(v.shape) for k, v in built.state_dict().items()}
+        if have != self.shapes:
+            wrong = sorted(set(have) ^ set(self.shapes)) or sorted(
+                k for k in have if have[k] != self.shapes[k])
+            raise DsqFormatError(
+                f"{self.source}: the stored tensors do not fit the stored graph "
+                f"({len(wrong)} names or shapes differ, e.g. {wrong[0]!r:.80})"
+            )
+        self._check_forward(built)
+        return built
+
+    def meta_inputs(self, model: nn.Module, batch: int = 1) -> tuple[torch.Tensor, ...] | None:
+        """Inputs on the meta device for a shape-only pass of ``model`` (None: unknown)."""
+        if self.spec is not None:
+            return (torch.empty((batch, *models.input_shape_of(model)), device="meta"),)
+        if self.user is not None and self.user.inputs is not None:
+            return self.user.example_inputs(batch)
+        return None
+
+    def mark(self, model: nn.Module) -> nn.Module:
+        """Record this file's model description on ``model`` (kept by a later save)."""
+        if self.user is not None:
+            setattr(model, USER_ATTR, self.user)
+        return model
+
+    def _check_forward(self, model: nn.Module) -> None:
+        inputs = self.meta_inputs(model)
+        if inputs is None:
+            return
+        try:
+            with torch.no_grad():
+                model.eval()(*inputs)
+        except Exception as exc:
+            text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise DsqFormatError(
+                f"{self.source}: the model does not run on the recorded inputs "
+                f"{[list(s) for s, _ in self.user.inputs]}: {text:.300}"  # type: ignore[union-attr]
+            ) from exc
+
+
+def read_model_file(source: Source) -> StoredModel:
+    """Read a .dsq file (a path or its bytes) and check its manifest: the public reader that
+    :func:`load`, :func:`inspect` and the runtime share. Any defect raises DsqFormatError."""
+    where = _label(source)
+    dsq = read_dsq(source)
     entries = _tensor_entries(dsq)
-    try:
-        spec = models.ModelSpec.from_dict(dsq.meta.get("model"))
-    except DeepSqueezeError as exc:
-        raise DsqFormatError(f"{where}: bad model spec in manifest: {exc}") from exc
-    return where, dsq, entries, spec
+    desc = dsq.meta.get("model")
+    spec = user = None
+    if isinstance(desc, dict) and desc.get("kind") == "user":
+        try:
+            user = UserModel.from_dict(desc)
+        except DsqFormatError as exc:
+            raise DsqFormatError(f"{where}: bad user model description in manifest: {exc}") from exc
+    else:
+        try:
+            spec = models.ModelSpec.from_dict(desc)
+        except DeepSqueezeError as exc:
+            raise DsqFormatError(f"{where}: bad model spec in manifest: {exc}") from exc
+    return StoredModel(where, dsq, {e["name"]: e for e in entries}, spec, user)
 
 
-def _skeleton(spec: models.ModelSpec, shapes: dict[str, tuple[int, ...]], where: str) -> nn.Module:
-    """The model of ``spec`` on the meta device, sized and checked for the stored ``shapes``."""
-    try:
-        return model_for_shapes(spec, shapes)
-    except ModelError as exc:
-        raise DsqFormatError(f"{where}: {exc}") from exc
-
-
-def load(path: Source, mode: Literal["dense", "runtime"] = "dense", **runtime: Any) -> nn.Module:
-    """Load a .dsq file (a path or its bytes) into an eval-mode zoo model holding exactly the
+def load(
+    path: Source,
+    mode: Literal["dense", "runtime"] = "dense",
+    *,
+    model: nn.Module | None = None,
+    **runtime: Any,
+) -> nn.Module:
+    """Load a .dsq file (a path or its bytes) into an eval-mode model holding exactly the
     stored weights. Any defect of the file raises :class:`DsqFormatError`.
+
+    ``model``: an instance of the saved architecture to fill (a user's own model; optional when
+    the file holds a zoo spec or a graph). Names must match exactly and shapes too, except
+    that layers stored smaller (channel pruning) are resized; a mismatch raises
+    :class:`ModelError` listing the missing, unexpected and mis-shaped tensors. The dense load
+    fills ``model`` in place and returns it. Without ``model`` a user model is rebuilt from
+    its graph; a file without a graph needs ``model``.
 
     ``mode="dense"`` (the default) decodes every tensor to a plain dense model: bit-exact, what
     accuracy evaluation and round trips use. ``mode="runtime"`` returns the inference model that
@@ -298,37 +454,46 @@ def load(path: Source, mode: Literal["dense", "runtime"] = "dense", **runtime: A
     if mode == "runtime":
         from deepsqueeze.runtime import load_runtime
 
-        return load_runtime(path, **runtime)
+        return load_runtime(path, model=model, **runtime)
     if mode != "dense" or runtime:
         raise DeepSqueezeError(f"load: mode must be 'dense' or 'runtime' (options only with "
                                f"'runtime'), got {mode!r} with {sorted(runtime)}")
-    where, dsq, entries, spec = _read_checked(path)
-    model = _skeleton(spec, {e["name"]: tuple(e["shape"]) for e in entries}, where)
-    state = {entry["name"]: _decode(entry, dsq.sections) for entry in entries}
-    model = model.to_empty(device="cpu")  # real memory: exactly the stored shapes
+    if model is not None and not isinstance(model, nn.Module):
+        raise ModelError(f"load: model= must be an nn.Module instance, got {type(model).__name__}")
+    stored = read_model_file(path)
+    skeleton = stored.skeleton(model)  # meta: checks everything before any memory is taken
+    state = {name: stored.decode(name) for name in stored.entries}
+    if model is None:
+        model = skeleton.to_empty(device="cpu")  # real memory: exactly the stored shapes
+    else:
+        fit_skeleton(model, stored.shapes, stored.source)  # as checked on the meta copy
     for key, value in model.state_dict().items():
         state[key] = state[key].to(value.dtype)
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
-        raise DsqFormatError(f"{where}: stored tensors do not fit {spec.name}: {exc}") from exc
+        raise DsqFormatError(
+            f"{stored.source}: stored tensors do not fit {stored.name}: {exc}") from exc
     model.eval()
-    return model
+    return stored.mark(model)
 
 
-def load_model_or_dsq(path: str | Path) -> nn.Module:
+def load_model_or_dsq(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     """A model file: a .dsq file decoded dense (:func:`load`), anything else as a model.pt."""
     path = Path(path)
-    return load(path) if path.suffix == ".dsq" else load_model(path)
+    return load(path, model=model) if path.suffix == ".dsq" else load_model(path, model=model)
 
 
 def inspect(path: Source) -> FileReport:
     """The per-layer size table of a .dsq file, computed from the file alone.
 
-    The file is checked as fully as by :func:`load` (without allocating the model).
+    The file is checked as fully as by :func:`load` (without allocating the model); a user
+    model stored without a graph is reported from its tensors (its class is not needed).
     """
-    where, dsq, entries, spec = _read_checked(path)
-    _skeleton(spec, {e["name"]: tuple(e["shape"]) for e in entries}, where)
+    stored = read_model_file(path)
+    dsq, entries = stored.file, list(stored.entries.values())
+    if stored.spec is not None or (stored.user is not None and stored.user.graph is not None):
+        stored.skeleton()
     param_names = set(dsq.meta.get("parameters") or [])
     layers: dict[str, LayerRow] = {}
     for entry in entries:
@@ -362,12 +527,17 @@ def inspect(path: Source) -> FileReport:
                 row.bits_per_weight = 8 * nbytes / kept
             if entry["encoding"].startswith("sparse"):
                 row.bits_per_index = 8 * len(secs.get(f"{name}:index", b"")) / kept
-    dense = int(dsq.meta.get("dense_parameters", 0)) * FP32_BYTES
+    user = stored.user
     return FileReport(
-        path=_label(path),
-        model=str(dsq.meta["model"].get("name")),
+        path=stored.source,
+        model=stored.name,
         file_bytes=dsq.file_size,
         header_bytes=dsq.manifest_size,
-        dense_bytes=dense,
+        dense_bytes=stored.dense_parameters * FP32_BYTES,
         layers=list(layers.values()),
+        kind=stored.kind,
+        class_name=None if user is None else user.class_name,
+        inputs=None if user is None or user.inputs is None
+        else [[list(shape), dtype] for shape, dtype in user.inputs],
+        graph=user is not None and user.graph is not None,
     )

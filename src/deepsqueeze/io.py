@@ -24,9 +24,10 @@ import torch
 from torch import nn
 
 from deepsqueeze import models
-from deepsqueeze.errors import CheckpointError, ModelError
+from deepsqueeze.errors import CheckpointError, DsqFormatError, ModelError
 from deepsqueeze.inputs import NotReadable, open_input
-from deepsqueeze.models.state import resize_to_shapes
+from deepsqueeze.models.graph import USER_ATTR, UserModel, describe, rebuild
+from deepsqueeze.models.state import fit_skeleton, plain_state, resize_to_shapes
 
 MODEL_FORMAT = "deepsqueeze-model"
 CHECKPOINT_FORMAT = "deepsqueeze-checkpoint"
@@ -288,21 +289,59 @@ def _check_checkpoint(obj: dict[str, Any], path: Path) -> None:
         )
 
 
-def save_model(model: nn.Module, path: str | Path, **extra: Any) -> Path:
-    """Save a zoo model (architecture spec + fp32 weights) atomically as a ``.pt`` file."""
-    spec = models.spec_of(model)
-    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+def save_model(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    example_inputs: torch.Tensor | tuple[torch.Tensor, ...] | None = None,
+    **extra: Any,
+) -> Path:
+    """Save a model (architecture + fp32 weights) atomically as a ``.pt`` file.
+
+    A zoo model is recorded by its spec; any other ``nn.Module`` by its description (class
+    name, inputs from ``example_inputs``, and its graph where it can be captured, see
+    :mod:`deepsqueeze.models.graph`), stored as JSON text: :func:`load_model` rebuilds it from
+    the graph or fills the instance given as ``model=``.
+    """
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"save_model: expected a torch nn.Module, got {type(model).__name__}")
+    spec = getattr(model, models.registry.SPEC_ATTR, None)
+    if isinstance(spec, models.ModelSpec):
+        described: dict[str, Any] = {"model_spec": spec.to_dict()}
+        state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    else:
+        user = describe(model, example_inputs)
+        described = {"model_user": json.dumps(user.to_dict(), separators=(",", ":"))}
+        state = {k: v.clone() for k, v in plain_state(model)[0].items()}
     atomic_save(
         {
             "format": MODEL_FORMAT,
             "version": FORMAT_VERSION,
-            "model_spec": spec.to_dict(),
+            **described,
             "state_dict": state,
             **extra,
         },
         path,
     )
     return Path(path)
+
+
+MAX_DESCRIPTION = 16 << 20
+"""Longest user model description (JSON text) a model file may hold."""
+
+
+def _user_of(obj: dict[str, Any], source: str | Path) -> UserModel:
+    text = obj["model_user"]
+    if not isinstance(text, str) or len(text) > MAX_DESCRIPTION:
+        raise CheckpointError(f"{source}: field 'model_user' must be JSON text of at most 16 MiB")
+    try:
+        return UserModel.from_dict(json.loads(text, parse_constant=_no_constant))
+    except (ValueError, RecursionError, DsqFormatError) as exc:
+        raise CheckpointError(f"{source}: bad user model description: {exc}") from None
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed")
 
 
 def model_for_shapes(spec: models.ModelSpec, shapes: Mapping[str, tuple[int, ...]]) -> nn.Module:
@@ -359,28 +398,59 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def model_from_state(obj: dict[str, Any], source: str | Path) -> nn.Module:
-    """Rebuild a zoo model from a loaded model file or checkpoint dict."""
+def model_from_state(
+    obj: dict[str, Any], source: str | Path, model: nn.Module | None = None
+) -> nn.Module:
+    """Rebuild the model of a loaded model file or checkpoint dict.
+
+    A zoo spec is rebuilt from the registry; a user model from its graph, or into ``model`` (an
+    instance of its architecture: strict names and shapes, layers stored smaller resized;
+    filled in place). A user model stored without a graph needs ``model``.
+    """
+    state = obj["state_dict"] if "state_dict" in obj else obj.get("model")
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise CheckpointError(f"{source}: the weights are not a dict of named tensors")
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    user = _user_of(obj, source) if "model_user" in obj else None
+    if model is not None:
+        fit_skeleton(model, shapes, str(source))  # a ModelError: the instance does not fit
+    elif user is not None:
+        if user.graph is None:
+            short = user.short_name
+            raise ModelError(
+                f"{source} holds a {short} ({user.class_name}) stored without a graph: "
+                f"load it with deepsqueeze.load_model(path, model={short}())"
+            )
+        try:
+            model = rebuild(user.graph).to_empty(device="cpu")
+        except DsqFormatError as exc:
+            raise CheckpointError(f"{source}: {exc}") from None
+    else:
+        try:
+            spec = models.ModelSpec.from_dict(obj["model_spec"])
+            model = model_for_shapes(spec, shapes).to_empty(device="cpu")  # the stored sizes
+        except (KeyError, ModelError) as exc:
+            raise CheckpointError(f"{source}: model spec and weights do not fit: {exc}") from exc
     try:
-        spec = models.ModelSpec.from_dict(obj["model_spec"])
-        state = obj["state_dict"] if "state_dict" in obj else obj["model"]
-        if not isinstance(state, dict) or not all(
-            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
-        ):
-            raise TypeError("the weights are not a dict of named tensors")
-        model = model_for_shapes(spec, {k: tuple(v.shape) for k, v in state.items()})
-        model = model.to_empty(device="cpu")  # memory for exactly the stored shapes
         model.load_state_dict(state)
-    except (KeyError, TypeError, RuntimeError, ModelError) as exc:
-        raise CheckpointError(f"{source}: model spec and weights do not fit: {exc}") from exc
+    except RuntimeError as exc:
+        raise CheckpointError(f"{source}: model and weights do not fit: {exc}") from exc
+    if user is not None:
+        setattr(model, USER_ATTR, user)
     return model
 
 
-def load_model(path: str | Path) -> nn.Module:
-    """Load a model saved by :func:`save_model` (or the model inside a training checkpoint)."""
+def load_model(path: str | Path, *, model: nn.Module | None = None) -> nn.Module:
+    """Load a model saved by :func:`save_model` (or the model inside a training checkpoint).
+
+    ``model``: an instance of the saved architecture to fill (needed for a user model saved
+    without a graph; optional otherwise).
+    """
     obj = safe_load(path)
     if obj["format"] not in (MODEL_FORMAT, CHECKPOINT_FORMAT):
         raise CheckpointError(f"{path}: is a {obj['format']!r} file, not a model")
-    model = model_from_state(obj, path)
+    model = model_from_state(obj, path, model)
     model.eval()
     return model

@@ -1,7 +1,9 @@
 """``load_runtime``: a .dsq file as an inference model that runs from the compressed form.
 
-The zoo model is built on the meta device from the manifest's spec (resized when channels were
-pruned), so nothing dense is allocated. Each Linear / Conv2d whose weight the file stores
+The model is built on the meta device by the file's public reader
+(:func:`deepsqueeze.dsq.read_model_file`): a zoo model from its spec (resized when channels were
+pruned), a user model from its graph or from the user's skeleton (``model=``, copied to meta),
+so nothing dense is allocated. Each Linear / Conv2d whose weight the file stores
 compressed (``sparse``, ``sparse-codebook``, ``codebook``) is decoded straight into its compact
 runtime form (:mod:`deepsqueeze.runtime.forms`) and replaced by the executor the autotuner picks
 (:mod:`deepsqueeze.runtime.autotune`); every other tensor (dense layers, biases, BatchNorm) is
@@ -18,10 +20,10 @@ import torch
 from rich.table import Table
 from torch import nn
 
-from deepsqueeze import models
-from deepsqueeze.dsq import _decode, _read_checked, _skeleton
+from deepsqueeze.dsq import read_model_file
 from deepsqueeze.errors import DeepSqueezeError, DsqFormatError
 from deepsqueeze.metrics.size import FP32_BYTES
+from deepsqueeze.models.graph import USER_ATTR
 from deepsqueeze.models.registry import SPEC_ATTR
 from deepsqueeze.runtime import autotune as at
 from deepsqueeze.runtime.forms import FORM_DECODERS
@@ -91,8 +93,17 @@ class RuntimeInfo:
         return table
 
 
-def _input_shapes(model: nn.Module, names: list[str], batch_size: int) -> dict[str, list[int]]:
-    """Input shape of each named layer at ``batch_size`` (a shape-only pass on meta)."""
+def _input_shapes(
+    model: nn.Module,
+    names: list[str],
+    inputs: tuple[torch.Tensor, ...] | None,
+    batch_size: int,
+    *,
+    trusted: bool = False,
+) -> dict[str, list[int]]:
+    """Input shape of each named layer at ``batch_size`` (a shape-only pass on meta of
+    ``inputs``). Without inputs (a user model that records none), or when the user's own
+    (``trusted``) skeleton cannot run on meta, only Linear layers get one."""
     seen: dict[str, list[int]] = {}
 
     def record(name: str) -> Any:
@@ -101,15 +112,24 @@ def _input_shapes(model: nn.Module, names: list[str], batch_size: int) -> dict[s
 
         return hook
 
-    hooks = [model.get_submodule(n).register_forward_pre_hook(record(n)) for n in names]
-    try:
-        with torch.no_grad():
-            model(torch.empty((batch_size, *models.input_shape_of(model)), device="meta"))
-    except Exception as exc:
-        raise DsqFormatError(f"stored shapes do not form a working model: {exc}") from exc
-    finally:
-        for h in hooks:
-            h.remove()
+    if inputs is not None:
+        hooks = [model.get_submodule(n).register_forward_pre_hook(record(n)) for n in names]
+        try:
+            with torch.no_grad():
+                model(*inputs)
+        except Exception as exc:
+            if not trusted:
+                raise DsqFormatError(f"stored shapes do not form a working model: {exc}") from exc
+            seen.clear()
+            inputs = None
+        finally:
+            for h in hooks:
+                h.remove()
+    if inputs is None:
+        for n in names:
+            mod = model.get_submodule(n)
+            if isinstance(mod, nn.Linear):
+                seen[n] = [batch_size, mod.in_features]
     return seen
 
 
@@ -127,6 +147,7 @@ def load_runtime(
     impls: dict[str, str] | None = None,
     fuse: bool = True,
     rounds: int = 15,
+    model: nn.Module | None = None,
 ) -> nn.Module:
     """Load a .dsq file as an eval-mode inference model running from the compressed weights.
 
@@ -135,30 +156,33 @@ def load_runtime(
     timings in the autotune cache. ``memory_budget``: the weights held may take at most this
     many times the file's bytes (None: no limit, fastest executors). ``impls`` forces the
     executor of named layers (``{"fc1": "kernel"}``). ``fuse``: run chains of kernel Linear
-    layers as one call where that is faster (:mod:`deepsqueeze.runtime.fuse`).
+    layers as one call where that is faster (:mod:`deepsqueeze.runtime.fuse`). ``model``: an
+    instance of the saved architecture (a user model stored without a graph needs it); it is
+    copied to the meta device and not changed.
     """
     if batch_size < 1:
         raise DeepSqueezeError(f"batch_size must be positive, got {batch_size}")
-    where, dsq, entries, spec = _read_checked(source)
-    by_name = {e["name"]: e for e in entries}
-    shapes = {n: tuple(e["shape"]) for n, e in by_name.items()}
-    model = _skeleton(spec, shapes, where)
+    stored = read_model_file(source)
+    where, dsq, by_name = stored.source, stored.file, stored.entries
+    skeleton = model
+    model = stored.mark(stored.skeleton(skeleton))
     targets = [
         name for name, mod in model.named_modules()
         if type(mod) in IMPLS and by_name.get(f"{name}.weight", {}).get("encoding") in FORM_DECODERS
     ]
-    in_shapes = _input_shapes(model, targets, batch_size)
+    in_shapes = _input_shapes(model, targets, stored.meta_inputs(model, batch_size), batch_size,
+                              trusted=skeleton is not None)
     tune = at.autotune_enabled() if autotune is None else autotune
     cached = at.load_cache() if tune and cache else {}
     updates: dict[str, Any] = {}
     forced = dict(impls or {})
 
     state: dict[str, torch.Tensor] = {}
-    for name, entry in by_name.items():
+    for name in by_name:
         if name.endswith(".weight") and name[: -len(".weight")] in targets:
             continue
-        state[name] = _decode(entry, dsq.sections)
-    dense_bytes = int(dsq.meta.get("dense_parameters", 0)) * FP32_BYTES
+        state[name] = stored.decode(name)
+    dense_bytes = stored.dense_parameters * FP32_BYTES
 
     layers: list[at.LayerChoice] = []
     built: dict[str, dict[str, RuntimeLayer]] = {}
@@ -206,7 +230,7 @@ def load_runtime(
                 secs = at.time_modules(mods, x, rounds=rounds)
                 choice.time_us = {k: v * 1e6 for k, v in secs.items()}
                 choice.source = "timed"
-                updates[key] = {"layer": f"{spec.name}.{name}", "batch": batch_size,
+                updates[key] = {"layer": f"{stored.name}.{name}", "batch": batch_size,
                                 "time_us": choice.time_us}
         else:
             choice.time_us = at.heuristic_times(choice, batch_size)
@@ -227,7 +251,8 @@ def load_runtime(
             state[key] = state[key].to(value.dtype)
         model.load_state_dict(state, strict=True, assign=True)
     except (KeyError, RuntimeError) as exc:
-        raise DsqFormatError(f"{where}: stored tensors do not fit {spec.name}: {exc}") from exc
+        raise DsqFormatError(
+            f"{where}: stored tensors do not fit {stored.name}: {exc}") from exc
     leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if leftover:
         raise DsqFormatError(f"{where}: no stored value for {leftover[:5]}")
@@ -248,7 +273,7 @@ def load_runtime(
     kernel = get_kernel()
     info = RuntimeInfo(
         source=where,
-        model=spec.name,
+        model=stored.name,
         batch_size=batch_size,
         autotuned=bool(tune),
         file_bytes=dsq.file_size,
@@ -344,5 +369,7 @@ def _fuse(
     raise_plainly(gm)
     if cache and updates:
         at.save_cache(updates)
-    setattr(gm, SPEC_ATTR, models.spec_of(model))
+    for attr in (SPEC_ATTR, USER_ATTR):  # the model's description, kept for what follows
+        if hasattr(model, attr):
+            setattr(gm, attr, getattr(model, attr))
     return gm.eval(), records
