@@ -716,6 +716,9 @@ def test_the_readers_only_look_down() -> None:
     for module, _, _ in _imports(SRC / "io.py"):
         assert not module.startswith(("deepsqueeze.methods", "deepsqueeze.pipeline",
                                       "deepsqueeze.runtime", "deepsqueeze.dsq")), module
+    for module, _, top in _imports(SRC / "dsq.py"):
+        assert not (top and module.startswith(("deepsqueeze.pipeline", "deepsqueeze.runtime",
+                                               "deepsqueeze.methods"))), module
     from deepsqueeze.methods import channel_pruning
     from deepsqueeze.models.state import resize_to_shapes
 

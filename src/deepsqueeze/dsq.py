@@ -28,6 +28,7 @@ from torch import nn
 
 from deepsqueeze import models
 from deepsqueeze.codec.container import DsqFile, read_dsq, write_dsq
+from deepsqueeze.codec.options import EncodeOptions
 from deepsqueeze.codec.tensor import ENCODINGS, decode_tensor, encode_tensor
 from deepsqueeze.errors import DeepSqueezeError, DsqFormatError, ModelError
 from deepsqueeze.io import load_model, model_for_shapes
@@ -35,7 +36,6 @@ from deepsqueeze.metrics.size import FP32_BYTES, parameter_count
 from deepsqueeze.models.graph import USER_ATTR, UserModel, describe, rebuild
 from deepsqueeze.models.registry import SPEC_ATTR
 from deepsqueeze.models.state import fit_skeleton, meta_copy, plain_state
-from deepsqueeze.pipeline.recipe import EncodeOptions
 
 FORMAT_NAME = "deepsqueeze-model"
 MAX_ELEMENTS = 1 << 28

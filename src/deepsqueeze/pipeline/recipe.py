@@ -20,35 +20,19 @@ Every error names the field that is wrong (``stages.1.finetune.lr: ...``).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 import deepsqueeze.methods  # noqa: F401  (registers every method)
-from deepsqueeze.codec.tensor import MAX_INDEX_BITS
+from deepsqueeze.codec.options import EncodeOptions  # re-exported: part of the recipe schema
 from deepsqueeze.errors import RecipeError
 from deepsqueeze.methods.base import METHODS, Method, create_method
 from deepsqueeze.options import describe_validation_error
 from deepsqueeze.training.loop import MAX_SEED, TrainConfig
 
 MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few hundred bytes; 1 MiB is far beyond any real one
-
-
-class EncodeOptions(BaseModel):
-    """How tensors are written into the .dsq file."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
-    huffman: bool = Field(True, description="Huffman-code indices and gaps when that is smaller")
-    index_bits: Annotated[int, Field(ge=1, le=MAX_INDEX_BITS)] | Literal["auto"] = Field(
-        "auto", description="bits per relative index of sparse positions (1..16; the reader "
-        "refuses wider); auto picks the smallest"
-    )
-    codebook_dtype: Literal["float32", "float16"] = "float32"
-    dense_dtype: Literal["float32", "float16"] = Field(
-        "float32", description="dtype of tensors stored densely (biases, BatchNorm)"
-    )
 
 
 class Stage(BaseModel):
