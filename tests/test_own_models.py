@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import copy
+import math
 from pathlib import Path
 
 import pytest
@@ -512,3 +513,54 @@ def test_methods_do_not_import_training_or_above():
                 assert not name.startswith(("deepsqueeze.training", "deepsqueeze.pipeline")), (
                     f"{path.name} imports {name}"
                 )
+
+
+# ------------------------------------------------------------------------------------ files
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_user_model_file_holds_the_compressed_model(name, tmp_path):
+    model, loader, (x_eval, y_eval) = _trained(name)
+    out = tmp_path / f"{name}.dsq"
+    result = deepsqueeze.compress(model, RECIPE, train_data=loader, eval_data=(x_eval, y_eval),
+                                  loss_fn=CountingLoss(), out=out, progress=False)
+    assert result.file_metric == result.stages[-1].metric  # the file's own score
+    assert result.file_report is not None and result.path == out
+    xs = x_eval if isinstance(x_eval, tuple) else (x_eval,)
+    with torch.no_grad():
+        expected = model.eval()(*xs)
+        skeleton = deepsqueeze.load(out, model=MODELS[name][0]())  # the user's class
+        rebuilt = deepsqueeze.load(out)  # class-free: from the file's graph
+        assert torch.equal(skeleton(*xs), expected)
+        assert torch.equal(rebuilt(*xs), expected)
+
+
+def test_own_loop_file_equals_builtin_file(tmp_path):
+    """The recipe's default cosine schedule and weight decay, one shuffled loader for both
+    stages: a plain loop with session.step() writes the very bytes compress writes."""
+    base, _, _ = _trained("embedding")
+    tokens, y = make_data("tokens")
+    builtin, own = copy.deepcopy(base), copy.deepcopy(base)
+    deepsqueeze.compress(builtin, RECIPE, train_data=_loader(tokens, y, seed=5),
+                         example_inputs=tokens[:1], out=tmp_path / "builtin.dsq", progress=False)
+    loader = _loader(tokens, y, seed=5)
+    session = prepare(own, RECIPE, example_inputs=tokens[:1])
+    for stage in session:
+        cfg = stage.finetune
+        steps = math.ceil(cfg.epochs * len(loader))
+        opt = torch.optim.SGD(own.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                              weight_decay=cfg.weight_decay, nesterov=True)
+        schedule = torch.optim.lr_scheduler.LambdaLR(  # cosine per step, as the built-in one
+            opt, lambda step, steps=steps: 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
+        )
+        own.train()
+        for _ in range(math.ceil(cfg.epochs)):
+            for x, target in loader:
+                loss = F.cross_entropy(own(x), target)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                schedule.step()
+                session.step()
+    session.save(tmp_path / "own.dsq")
+    assert (tmp_path / "own.dsq").read_bytes() == (tmp_path / "builtin.dsq").read_bytes()
