@@ -8,6 +8,7 @@ file is written by the test itself; the models are tiny.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -483,3 +484,238 @@ def test_docs_never_print_a_table_object() -> None:
     for doc in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
         for number, line in enumerate(doc.read_text().splitlines(), 1):
             assert not pattern.search(line), f"{doc.name}:{number}: {line.strip()}"
+
+
+# --------------------------------------------------------------- the command line, end to end
+
+TINY_RECIPE = """
+name: tiny
+seed: 0
+stages:
+  - name: prune
+    method: prune
+    params: {sparsity: 0.5}
+    finetune: {epochs: 1, lr: 0.01, batch_size: 32}
+  - name: share
+    method: share
+    params: {bits: 4}
+encode: {huffman: true}
+"""
+
+NO_GRAPH_PY = '''
+import torch
+from torch import nn
+
+
+class Scale(nn.Module):
+    """A layer type of the user's own: outside the graph allowlist."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.gain = nn.Parameter(torch.ones(n))
+
+    def forward(self, x):
+        return x * self.gain
+
+
+class ScaledMLP(nn.Module):
+    def __init__(self, hidden: int = 16):
+        super().__init__()
+        self.fc1 = nn.Linear(6, hidden)
+        self.scale = Scale(hidden)
+        self.fc2 = nn.Linear(hidden, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.scale(self.fc1(x))))
+'''
+
+
+@pytest.fixture()
+def own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
+    """A folder with the user's model code, an .npz of tabular data and a tiny recipe."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "own_models.py").write_text(MODELS_PY)
+    (tmp_path / "no_graph.py").write_text(NO_GRAPH_PY)
+    for name in ("own_models", "no_graph", "deepsqueeze_user.own_models",
+                 "deepsqueeze_user.no_graph"):
+        sys.modules.pop(name, None)
+    x, y = blobs(300)
+    write_npz(tmp_path / "tab.npz", x=x, y=y)
+    (tmp_path / "recipe.yaml").write_text(TINY_RECIPE)
+    return {"dir": tmp_path, "npz": tmp_path / "tab.npz", "recipe": tmp_path / "recipe.yaml",
+            "code": tmp_path / "own_models.py", "nograph": tmp_path / "no_graph.py"}
+
+
+def test_cli_train_compress_evaluate_own_model_on_npz(
+        own: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    """`train --model-code FILE:Class --data x.npz`, then `compress` (with and without the
+    code: the model.pt holds a graph), `evaluate --data`, `inspect` — the issue's CLI path."""
+    from deepsqueeze import dsq
+
+    code = f"{own['code']}:TinyMLP"
+    status, out, err = run_cli(
+        ["train", "--model-code", code, "--model-args", '{"hidden": 24}', "--data", own["npz"],
+         "--epochs", "4", "--lr", "0.05", "--batch-size", "32", "--out", "run",
+         "--no-progress"], capsys)
+    assert status == 0, err
+    assert f"note: running your model code {code}" in err
+    assert "validation split" in err and "trained TinyMLP on tab.npz" in out
+    assert Path("run/model.pt").is_file()
+    # the trained model learned the separable blobs
+    acc = float(out.split("accuracy ")[1].split("%")[0]) / 100
+    assert acc > 0.8, out
+
+    status, out, err = run_cli(
+        ["compress", "run/model.pt", "--recipe", own["recipe"], "--out", "tab.dsq", "--data",
+         own["npz"], "--json", "c.json", "--no-progress"], capsys)
+    assert status == 0, err
+    assert "tab.dsq:" in out and "validation split carved from tab.npz" in out
+    stored = dsq.read_model_file("tab.dsq")
+    assert stored.file.meta["data"] == "tab.npz" and "dataset" not in stored.file.meta
+    assert stored.user is not None and stored.user.class_name == "own_models:TinyMLP"
+    file_acc = json.loads(Path("c.json").read_text())["file_accuracy"]
+    assert file_acc > 0.6
+
+    status, out, err = run_cli(
+        ["compress", "run/model.pt", "--model-code", code, "--model-args", '{"hidden": 24}',
+         "--recipe", own["recipe"], "--out", "tab2.dsq", "--data", own["npz"],
+         "--no-progress"], capsys)
+    assert status == 0, err
+    first, second = dsq.load("tab.dsq").state_dict(), dsq.load("tab2.dsq").state_dict()
+    assert all(torch.equal(first[k], second[k]) for k in first)  # same model, same weights
+
+    status, out, err = run_cli(["evaluate", "tab.dsq", "--data", own["npz"], "--no-speed",
+                                "--json", "e.json"], capsys)
+    assert status == 0, err
+    report = json.loads(Path("e.json").read_text())
+    assert report["model"] == "TinyMLP" and "validation split" in report["dataset"]
+    assert report["top1_accuracy"] == pytest.approx(file_acc)
+    status, out, err = run_cli(["evaluate", "tab.dsq", "--data", own["npz"], "--split", "train",
+                                "--no-speed", "--json", "t.json"], capsys)
+    assert status == 0, err
+    assert json.loads(Path("t.json").read_text())["samples"] == 270
+
+    # made on the user's data: evaluate without --data says so (it used to run on MNIST)
+    status, _, err = run_cli(["evaluate", "tab.dsq", "--no-speed"], capsys)
+    assert_one_error(status, err, "was made on your own data (tab.npz)")
+    status, out, err = run_cli(["inspect", "tab.dsq"], capsys)
+    assert status == 0 and "features.0" in out and "TinyMLP" in out
+
+
+def test_cli_own_model_without_a_graph_needs_its_code(
+        own: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    """A model outside the graph allowlist: compress and evaluate take --model-code to load
+    the file into the user's skeleton; without it, one error line saying how."""
+    from deepsqueeze.io import save_model
+
+    net = build_model(f"{own['nograph']}:ScaledMLP")
+    save_model(net, "scaled.pt", example_inputs=torch.zeros(1, 6))
+    status, _, err = run_cli(["compress", "scaled.pt", "--recipe", own["recipe"], "--out",
+                              "s.dsq", "--data", own["npz"], "--no-progress"], capsys)
+    assert_one_error(status, err, "--model-code FILE.py:ClassName")
+    assert not Path("s.dsq").exists()
+    code = f"{own['nograph']}:ScaledMLP"
+    status, out, err = run_cli(["compress", "scaled.pt", "--model-code", code, "--recipe",
+                                own["recipe"], "--out", "s.dsq", "--data", own["npz"],
+                                "--no-progress"], capsys)
+    assert status == 0, err
+    status, _, err = run_cli(["evaluate", "s.dsq", "--data", own["npz"], "--no-speed"], capsys)
+    assert_one_error(status, err, "--model-code")
+    status, out, err = run_cli(["evaluate", "s.dsq", "--model-code", code, "--data", own["npz"],
+                                "--no-speed"], capsys)
+    assert status == 0, err
+    assert "ScaledMLP" in out
+    status, out, err = run_cli(["inspect", "s.dsq"], capsys)  # the file alone: no code needed
+    assert status == 0 and "scale" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["train", "--model-code", "{code}:TinyMLP", "--data", "{npz}", "--dataset", "mnist"],
+         "--data and --dataset both given"),
+        (["train", "--model-args", '{{"hidden": 3}}'], "--model-args needs --model-code"),
+        (["train", "--data", "{npz}"], "train --data needs --model-code"),
+        (["train", "--model", "lenet5", "--model-code", "{code}:TinyMLP"],
+         "--model and --model-code both given"),
+        (["train", "--model-code", "{code}:TinyMLP", "--model-args", "[1]", "--data", "{npz}"],
+         "JSON object"),
+        (["train", "--model-code", "{code}:Missing", "--data", "{npz}"], "no attribute 'Missing'"),
+        (["train", "--model-code", "{dir}/nope.py:Net", "--data", "{npz}"], "no such file"),
+        (["train", "--model-code", "{code}:TwoInputs", "--data", "{npz}", "--epochs", "1"],
+         "cannot run on tab.npz"),
+        (["train", "--model-code", "{code}:TinyMLP", "--data", "{npz}", "--image-size", "8"],
+         "--image-size applies to folders"),
+        (["train", "--model-code", "{code}:TinyMLP", "--data", "{dir}/none.npz"], "no such file"),
+        (["train", "--model-code", "{code}:TinyMLP", "--data", "{npz}", "--resume", "--out",
+          "r"], "--resume continues runs on built-in datasets"),
+        (["evaluate", "{npz}", "--image-size", "8"], "--image-size applies to a --data folder"),
+        (["compress", "m.pt", "--recipe", "{recipe}", "--out", "{npz}", "--data", "{npz}"],
+         "is the input file"),
+    ],
+)
+def test_cli_own_bad_inputs_one_error_line(own: dict[str, Path], argv: list[str], needle: str,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    paths = {k: str(v) for k, v in own.items()}
+    status, _, err = run_cli([a.format(**paths) for a in argv], capsys)
+    assert_one_error(status, err, needle)
+
+
+FASHION = REPO.parent / "shared" / "data" / "fashion-mnist"
+needs_fashion = pytest.mark.skipif(
+    not (Path(os.environ.get("DEEPSQUEEZE_DATA", "")) / "fashion-mnist").is_dir(),
+    reason="Fashion-MNIST not found under DEEPSQUEEZE_DATA")
+
+
+@needs_fashion
+def test_evaluate_defaults_to_the_dataset_the_file_records(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A file compressed on Fashion-MNIST is evaluated on Fashion-MNIST (it silently used MNIST
+    and reported 7.85 %); another --dataset is honoured with a warning line."""
+    from deepsqueeze import dsq, models
+    from deepsqueeze.evaluation import DatasetMismatchWarning, resolve_dataset
+
+    torch.manual_seed(0)
+    path = tmp_path / "f.dsq"
+    dsq.save(models.create("lenet300"), path, extra_meta={"dataset": "fashion-mnist"})
+    status, _, err = run_cli(["evaluate", path, "--subset", "50", "--no-speed", "--json",
+                                tmp_path / "r.json"], capsys)
+    assert status == 0, err
+    assert json.loads((tmp_path / "r.json").read_text())["dataset"] == "fashion-mnist"
+    assert "evaluating on fashion-mnist, the dataset" in err
+    if (Path(os.environ["DEEPSQUEEZE_DATA"]) / "mnist").is_dir():
+        status, _, err = run_cli(["evaluate", path, "--dataset", "MNIST", "--subset", "50",
+                                    "--no-speed"], capsys)
+        assert status == 0, err
+        warning = [line for line in err.splitlines() if line.startswith("warning:")]
+        assert len(warning) == 1 and "records dataset fashion-mnist, evaluating on mnist" in \
+            warning[0]
+    with pytest.warns(DatasetMismatchWarning):
+        assert resolve_dataset(path, "kmnist") == "kmnist"
+    assert resolve_dataset(path, None) == "fashion-mnist"
+    plain = tmp_path / "plain.dsq"
+    dsq.save(models.create("lenet300"), plain)
+    assert resolve_dataset(plain, None) == "mnist"  # nothing recorded: the old default
+    forged = tmp_path / "forged.dsq"
+    dsq.save(models.create("lenet300"), forged, extra_meta={"dataset": "\x1b[31mevil"})
+    status, _, err = run_cli(["evaluate", forged, "--no-speed"], capsys)
+    line = assert_one_error(status, err, "records an unknown dataset")
+    assert "\x1b" not in line
+
+
+@needs_fashion
+def test_example_own_model_fashion_quick(tmp_path: Path) -> None:
+    """examples/own_model_fashion.py --quick: a user's CNN trained with a plain loop, compressed
+    with the user's DataLoader and loss, loaded in fresh processes three ways (skeleton,
+    class-free, runtime) with the same predictions."""
+    numbers = tmp_path / "n.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(REPO / "examples" / "own_model_fashion.py"),
+                           "--quick", "--json", str(numbers)], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(numbers.read_text())
+    assert result["three_loads_same_predictions"] and result["classfree_bit_exact"]
+    assert result["runtime_max_abs_diff"] < 1e-3
+    assert result["compression"] > 10 and 0 < result["file_accuracy"] <= 1
+    assert str(tmp_path) not in numbers.read_text()

@@ -12,7 +12,8 @@ from __future__ import annotations
 import errno
 import json
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -61,6 +62,76 @@ DataDir = Annotated[
                  "~/.cache/deepsqueeze, /usr/share/datasets, then download)."),
 ]
 Progress = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")]
+ModelCode = Annotated[str | None, typer.Option(
+    "--model-code", help="Your own model: FILE.py:Class (or a function returning a module), "
+    "module.path:Class, or a name registered by a package (`deepsqueeze models`). Runs that "
+    "code; see docs/own-models.md.")]
+ModelArgs = Annotated[str | None, typer.Option(
+    "--model-args", help='Keyword arguments for --model-code as JSON, e.g. \'{"width": 32}\'.')]
+UserDataOpt = Annotated[Path | None, typer.Option(
+    "--data", help="Your own data instead of --dataset: an .npz (x, y; or x_train, y_train, "
+    "x_test, y_test; inputs x0, x1, ... for several) or a folder with one sub-folder of images "
+    "per class (or train/ and test/ folders of those).")]
+ImageSize = Annotated[str | None, typer.Option(
+    "--image-size", help="Resize the images of a --data folder to HxW (e.g. 28 or 32x48).")]
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2%}"
+
+
+def _note(message: str) -> None:
+    """One ``note: ...`` line on stderr (our label styled, the message plain text)."""
+    err_console.print(_labelled("note:", "yellow", message))
+
+
+def _user_model(code: str | None, args: str | None) -> Any:
+    """The model built from ``--model-code``/``--model-args`` (None without them); says on
+    stderr that it runs the user's code."""
+    if code is None:
+        if args is not None:
+            raise OptionError("--model-args needs --model-code (the class or function to call)")
+        return None
+    from deepsqueeze.usercode import build_model, parse_model_args
+
+    kwargs = parse_model_args(args)  # checked before any code runs
+    _note(f"running your model code {code}")
+    return build_model(code, kwargs)
+
+
+@contextmanager
+def _code_hint(code: str | None) -> Iterator[None]:
+    """A file of the user's own model stored without a graph needs the class: the API's
+    message says ``load(path, model=...)``; on the command line that is ``--model-code``."""
+    from deepsqueeze.errors import ModelError
+
+    try:
+        yield
+    except ModelError as exc:
+        if code is not None or "without a graph" not in str(exc):
+            raise
+        raise ModelError(f"{exc}; on the command line: --model-code FILE.py:ClassName (the file "
+                         "that defines it)") from exc
+
+
+def _user_data(path: Path | None, image_size: str | None, dataset: str | None,
+               seed: int = 0) -> Any:
+    """The user's ``--data`` (None without it); ``--data`` and ``--dataset`` are exclusive."""
+    if path is None:
+        if image_size is not None:
+            raise OptionError("--image-size applies to a --data folder of images")
+        return None
+    if dataset is not None:
+        raise OptionError(f"--data and --dataset both given ({path}, {dataset}); pass one: "
+                          "--data for your own files, --dataset for a built-in dataset")
+    from deepsqueeze.data.user import load_user_data, parse_image_size
+
+    size = parse_image_size(image_size) if image_size is not None else None
+    data = load_user_data(path, image_size=size, seed=seed)
+    if data.test_is_validation:
+        _note(f"{path} has no test split: scoring on a {len(data.test)}-sample validation split "
+              f"carved from it (seed {seed}, class-stratified)")
+    return data
 
 
 def _check_outputs(json_out: Path | None, inputs: Iterable[Path | None],
@@ -112,9 +183,9 @@ def _labelled(label: str, style: str, message: str) -> Text:
 
 @app.command()
 def train(
-    model: Annotated[str, typer.Option(help="Zoo model name (see `deepsqueeze models`).")
-                     ] = "lenet5",
-    dataset: Annotated[str, typer.Option(help="Dataset name.")] = "mnist",
+    model: Annotated[str | None, typer.Option(
+        help="Zoo model name (see `deepsqueeze models`; default lenet5).")] = None,
+    dataset: Annotated[str | None, typer.Option(help="Dataset name (default mnist).")] = None,
     out: Annotated[Path | None, typer.Option(help="Run folder for checkpoints, log and model.")
                    ] = None,
     epochs: Annotated[float | None, typer.Option(help="Epochs (default: the model's recipe).")
@@ -138,8 +209,13 @@ def train(
     dist_timeout: Annotated[float | None, typer.Option(
         help="Distributed only: seconds a collective may wait for a rank before the job "
              "fails (default 300; also $DEEPSQUEEZE_DIST_TIMEOUT).")] = None,
+    model_code: ModelCode = None,
+    model_args: ModelArgs = None,
+    data: UserDataOpt = None,
+    image_size: ImageSize = None,
 ) -> None:
-    """Train a zoo model; writes checkpoint.pt every epoch, metrics.jsonl and model.pt."""
+    """Train a zoo model or your own (--model-code); writes checkpoint.pt every epoch,
+    metrics.jsonl and model.pt."""
     import os
 
     from deepsqueeze.training import distributed
@@ -153,11 +229,28 @@ def train(
         argv = distributed.strip_option(sys.argv[1:], "--nproc")
         raise typer.Exit(distributed.launch_torchrun(argv, nproc))
 
+    if model_code is not None:
+        if model is not None:
+            raise OptionError("--model and --model-code both given; pass one: --model for a zoo "
+                              "model, --model-code for your own")
+        options = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "optimizer": optimizer,
+                   "weight_decay": weight_decay, "lr_schedule": lr_schedule,
+                   "precision": precision, "seed": seed, "device": device}
+        _train_user(model_code, model_args, data, image_size, dataset, out, resume, options,
+                    data_dir, subset, progress)
+        return
+    if model_args is not None:
+        raise OptionError("--model-args needs --model-code (zoo models take their options "
+                          "from the dataset)")
+    if data is not None:
+        raise OptionError("train --data needs --model-code: zoo models are built for a "
+                          "built-in --dataset; bring your model for your data")
     from deepsqueeze.training import train as run_train
 
     result = run_train(
-        model, dataset, out=out, resume=resume, epochs=epochs, batch_size=batch_size, lr=lr,
-        optimizer=optimizer, weight_decay=weight_decay, lr_schedule=lr_schedule,
+        model or "lenet5", dataset or "mnist", out=out, resume=resume, epochs=epochs,
+        batch_size=batch_size, lr=lr, optimizer=optimizer, weight_decay=weight_decay,
+        lr_schedule=lr_schedule,
         precision=precision, seed=seed, device=device, data_dir=data_dir, subset=subset,
         progress=progress,
     )
@@ -172,10 +265,79 @@ def train(
         console.print(f"model written to {result.model_path}")
 
 
+def _train_user(code: str, args: str | None, data_path: Path | None, image_size: str | None,
+                dataset: str | None, out: Path | None, resume: bool, options: dict[str, Any],
+                data_dir: Path | None, subset: int | None, progress: bool) -> None:
+    """``train --model-code``: the user's model on the user's data (or a built-in dataset)
+    through the one training loop; ``model.pt`` records the model's description and data."""
+    import random
+
+    import numpy as np
+    import torch
+
+    from deepsqueeze.data import load_dataset
+    from deepsqueeze.data.loaders import first_inputs
+    from deepsqueeze.errors import DeepSqueezeError
+    from deepsqueeze.io import save_model
+    from deepsqueeze.options import check_int
+    from deepsqueeze.outputs import check_output_dir
+    from deepsqueeze.training.loop import CHECKPOINT_NAME, TrainConfig, fit
+    from deepsqueeze.training.run import MODEL_NAME, check_forward
+
+    if out is not None:
+        check_output_dir(out)
+        if not resume and (out / CHECKPOINT_NAME).exists():
+            raise DeepSqueezeError(f"{out} already holds a run; pass --resume to continue it or "
+                                   "choose another --out")
+    if resume and out is None:
+        raise OptionError("--resume needs --out, the run folder to continue")
+    cfg = TrainConfig(**{k: v for k, v in options.items() if v is not None})
+    if resume and data_path is not None:
+        raise OptionError("--resume continues runs on built-in datasets (their epoch order is "
+                          "replayed); with --data, train again")
+    if subset is not None:
+        check_int("subset (--subset)", subset, 1, 1 << 31)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed % 2**32)
+    torch.manual_seed(cfg.seed)  # the model's initial weights too
+    user = _user_data(data_path, image_size, dataset, seed=cfg.seed)
+    if user is not None:
+        train_set, test_set, label = user.train, user.test, user.source
+        record = {"data": user.source}
+    else:
+        label = dataset or "mnist"
+        train_set = load_dataset(label, "train", data_dir=data_dir)
+        test_set = load_dataset(label, "test", data_dir=data_dir)
+        record = {"dataset": label}
+    if subset is not None:
+        train_set = train_set.subset(min(subset, len(train_set)), seed=cfg.seed)
+    net = _user_model(code, args)
+    example = first_inputs(train_set)
+    check_forward(net, example, f"{label} (its first sample)")
+    name = type(net).__name__
+    run_dir = out if user is None else None  # epoch checkpoints: built-in datasets only
+    result = fit(net, train_set, cfg, test_set=test_set, out_dir=run_dir, resume=resume,
+                 progress=progress, description=f"{name}/{label}")
+    acc = f"{result.test_accuracy:.2%}" if result.test_accuracy is not None else "n/a"
+    where = user.test_label if user is not None else f"{label} test split"
+    console.print(f"trained {name} on {label}: accuracy {acc} on the {where} in "
+                  f"{result.train_time_s:.1f} s")
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        path = save_model(
+            net.cpu(), out / MODEL_NAME, example_inputs=example, **record,
+            metrics=json.dumps({"test_accuracy": result.test_accuracy,
+                                "test_loss": result.test_loss,
+                                "epochs": result.epochs_completed}),
+        )
+        console.print(f"model written to {path}")
+
+
 @app.command()
 def evaluate(
     model_file: Annotated[Path, typer.Argument(help="A model.pt (from `train`) or a .dsq file.")],
-    dataset: Annotated[str, typer.Option(help="Dataset name.")] = "mnist",
+    dataset: Annotated[str | None, typer.Option(
+        help="Dataset name (default: the one the file records, else mnist).")] = None,
     split: Annotated[str, typer.Option(help="train | test.")] = "test",
     subset: Annotated[int | None, typer.Option(help="Evaluate on this many samples only.")] = None,
     runs: Annotated[int, typer.Option(help="Timed runs for the batch-1 latency median.")] = 50,
@@ -185,15 +347,49 @@ def evaluate(
         Path | None, typer.Option("--json", help="Also write the numbers to this JSON file.")
     ] = None,
     data_dir: DataDir = None,
+    model_code: ModelCode = None,
+    model_args: ModelArgs = None,
+    data: UserDataOpt = None,
+    image_size: ImageSize = None,
 ) -> None:
-    """Accuracy, loss, parameters, bytes, MACs, latency and throughput of a saved model."""
+    """Accuracy, loss, parameters, bytes, MACs, latency and throughput of a saved model.
+
+    Without --dataset or --data, a file is evaluated on the dataset it records."""
+    import warnings
+
+    from deepsqueeze.evaluation import DatasetMismatchWarning, recorded_data
     from deepsqueeze.evaluation import evaluate as run_evaluate
 
     _check_outputs(json_out, [model_file])
-    report = run_evaluate(
-        model_file, dataset, split=split, data_dir=data_dir, subset=subset,
-        measure_speed=speed, latency_runs=runs, throughput_batch=throughput_batch,
-    )
+    user = _user_data(data, image_size, dataset)
+    if user is not None:
+        if subset is not None:
+            raise OptionError("--subset applies to built-in datasets; pass a smaller --data")
+        if split not in ("train", "test"):
+            raise OptionError(f"--split must be train or test, got {split!r:.40}")
+        eval_data = user.train if split == "train" else user.test
+    else:
+        eval_data = None
+        recorded = recorded_data(model_file) if dataset is None else {}
+        if "dataset" in recorded:
+            _note(f"evaluating on {recorded['dataset']}, the dataset {model_file} records")
+    skeleton = _user_model(model_code, model_args)
+    with warnings.catch_warnings(record=True) as caught, _code_hint(model_code):
+        warnings.simplefilter("always", DatasetMismatchWarning)
+        report = run_evaluate(
+            model_file, dataset, data=eval_data, skeleton=skeleton, split=split,
+            data_dir=data_dir, subset=subset, measure_speed=speed, latency_runs=runs,
+            throughput_batch=throughput_batch,
+        )
+    for warning in caught:
+        if issubclass(warning.category, DatasetMismatchWarning):
+            err_console.print(_labelled("warning:", "yellow", str(warning.message)))
+        else:
+            warnings.showwarning(warning.message, warning.category, warning.filename,
+                                 warning.lineno)
+    if user is not None:
+        report.dataset, report.split = (user.test_label if split == "test" else
+                                        f"training split of {user.source}"), split
     show(report.table())
     _write_json(json_out, report.to_dict(), announce=True)
 
@@ -212,27 +408,50 @@ def compress(
     ] = None,
     data_dir: DataDir = None,
     progress: Progress = True,
+    model_code: ModelCode = None,
+    model_args: ModelArgs = None,
+    data: UserDataOpt = None,
+    image_size: ImageSize = None,
 ) -> None:
-    """Run a recipe (prune → fine-tune → share → fine-tune → encode) and write a .dsq file."""
+    """Run a recipe (prune → fine-tune → share → fine-tune → encode) and write a .dsq file.
+
+    Your own model: --model-code builds its skeleton, which model.pt's weights fill; your own
+    data: --data (fine-tuning on its training split, scores on its test or validation split)."""
+    from deepsqueeze.outputs import check_output_file
     from deepsqueeze.pipeline import compress as run_compress
 
     _check_outputs(json_out, [model_file, recipe], out=out)
-    result = run_compress(model_file, recipe, dataset=dataset, out=out, data_dir=data_dir,
-                          subset=subset, progress=progress)
+    check_output_file(out, inputs=[model_file, recipe, data])  # before any work
+    user = _user_data(data, image_size, dataset)
+    from deepsqueeze.io import load_model
+
+    skeleton = _user_model(model_code, model_args)
+    with _code_hint(model_code):
+        source = load_model(model_file, model=skeleton)
+    own: dict[str, Any] = {}
+    if user is not None:
+        train_set = user.train
+        if subset is not None:
+            train_set = train_set.subset(min(subset, len(train_set)), seed=0)
+        own = {"train_data": train_set, "eval_data": user.test,
+               "extra_meta": {"data": user.source}}
+    result = run_compress(source, recipe, dataset=dataset, out=out, data_dir=data_dir,
+                          subset=subset if user is None else None, progress=progress, **own)
+    scored_on = f" on the {user.test_label}" if user is not None else ""
     stages = Table(title=f"recipe {result.recipe.name}")
-    for col in ("stage", "layers", "fine-tune epochs", "test accuracy", "seconds"):
+    for col in ("stage", "layers", "fine-tune epochs", f"accuracy{scored_on}", "seconds"):
         stages.add_column(col)
-    stages.add_row("(baseline)", "", "", f"{result.baseline_accuracy:.2%}", "")
+    stages.add_row("(baseline)", "", "", _pct(result.baseline_accuracy), "")
     for st in result.stages:
         stages.add_row(st.stage, ", ".join(st.layers) if len(st.layers) <= 4 else
                        f"{len(st.layers)} layers", f"{st.finetune_epochs:g}",
-                       f"{st.test_accuracy:.2%}", f"{st.seconds:.1f}")
+                       _pct(st.test_accuracy), f"{st.seconds:.1f}")
     show(stages)
     show(result.file_report.table())
     console.print(
         f"{out}: {result.file_report.file_bytes:,} bytes, "
         f"{result.file_report.compression:.1f}x smaller than dense fp32; accuracy of the file "
-        f"{result.file_accuracy:.2%} (baseline {result.baseline_accuracy:.2%})"
+        f"{_pct(result.file_accuracy)} (baseline {_pct(result.baseline_accuracy)}){scored_on}"
     )
     _write_json(json_out, result.to_dict())
 

@@ -3,6 +3,7 @@ dataset or the user's own data, in one report."""
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -14,13 +15,69 @@ from torch import nn
 from deepsqueeze import models
 from deepsqueeze.data import load_dataset
 from deepsqueeze.data.loaders import DataLike, Inputs, first_inputs, is_data, iter_batches
-from deepsqueeze.errors import ModelError, OptionError
+from deepsqueeze.errors import DeepSqueezeError, ModelError, OptionError
 from deepsqueeze.metrics.accuracy import LossFn, Metric, accuracy_and_loss, evaluate_batches
 from deepsqueeze.metrics.macs import macs_per_sample
 from deepsqueeze.metrics.size import dense_fp32_bytes, file_bytes, nonzero_count, parameter_count
 from deepsqueeze.metrics.timing import time_model
 from deepsqueeze.options import short_repr
 from deepsqueeze.training.run import check_fits, check_forward
+
+
+class DatasetMismatchWarning(UserWarning):
+    """A model file is evaluated on another dataset than the one it records."""
+
+
+def recorded_data(path: str | Path) -> dict[str, str]:
+    """What a .dsq or model.pt file records about its data: ``{"dataset": name}`` for a
+    built-in dataset, ``{"data": file name}`` for the user's own; empty when nothing is."""
+    path = Path(path)
+    if path.suffix == ".dsq":
+        from deepsqueeze.dsq import read_model_file
+
+        meta: dict[str, Any] = read_model_file(path).file.meta
+    else:
+        from deepsqueeze.io import safe_load
+
+        meta = safe_load(path)
+    return {k: meta[k] for k in ("dataset", "data") if isinstance(meta.get(k), str)}
+
+
+def resolve_dataset(path: str | Path, dataset: str | None) -> str:
+    """The dataset to evaluate the model file ``path`` on: ``dataset`` when given (with a
+    :class:`DatasetMismatchWarning` when the file records another), else the one the file
+    records, else ``mnist``. A file made on the user's own data needs that data."""
+    from deepsqueeze.data.registry import get_info
+
+    recorded = recorded_data(path)
+    if "dataset" in recorded:
+        try:
+            get_info(recorded["dataset"])
+        except DeepSqueezeError:
+            if dataset is None:
+                raise OptionError(f"{path} records an unknown dataset {recorded['dataset']!r:.80}; "
+                                  "pass the dataset to evaluate on (--dataset)") from None
+            recorded.pop("dataset")
+    if dataset is None:
+        if "dataset" in recorded:
+            return get_info(recorded["dataset"]).name
+        if "data" in recorded:
+            raise OptionError(
+                f"{path} was made on your own data ({recorded['data']:.200}), not a built-in "
+                "dataset: evaluate it on that data (--data FILE, or data= in Python)"
+            )
+        return "mnist"
+    given = get_info(dataset).name
+    if "dataset" in recorded and get_info(recorded["dataset"]).name != given:
+        warnings.warn(
+            f"{path} records dataset {recorded['dataset']:.80}, evaluating on {given} as asked; "
+            "the accuracy means little on another dataset (omit --dataset to use the recorded "
+            "one)", DatasetMismatchWarning, stacklevel=3)
+    elif "data" in recorded:
+        warnings.warn(
+            f"{path} was made on your own data ({recorded['data']:.200}), evaluating on {given} "
+            "as asked", DatasetMismatchWarning, stacklevel=3)
+    return given
 
 
 @dataclass
@@ -95,9 +152,10 @@ class EvalReport:
 
 def evaluate(
     model: nn.Module | str | Path,
-    dataset: str = "mnist",
+    dataset: str | None = None,
     *,
     data: DataLike | None = None,
+    skeleton: nn.Module | None = None,
     example_inputs: Inputs | None = None,
     metric: Metric | None = None,
     loss_fn: LossFn | None = None,
@@ -121,6 +179,11 @@ def evaluate(
     any number of inputs work.
 
     A .dsq file is evaluated as loaded from the file itself: its accuracy is the file's accuracy.
+    ``skeleton``: an instance of the user's architecture for a file of the user's own model
+    (filled with strict name and shape checks; optional when the file holds a zoo model or a
+    graph). Without ``dataset`` and ``data`` a file is evaluated on the dataset it records
+    (:func:`resolve_dataset`; a :class:`DatasetMismatchWarning` when ``dataset`` differs);
+    a model object on ``mnist``.
     Counts and sizes out of range raise :class:`OptionError` before any work.
     """
     from deepsqueeze.options import check_int
@@ -143,15 +206,21 @@ def evaluate(
         from deepsqueeze.dsq import load_model_or_dsq
 
         path = Path(model)
-        model = load_model_or_dsq(path)
+        if data is None:
+            dataset = resolve_dataset(path, dataset)
+        model = load_model_or_dsq(path, model=skeleton)
     if not isinstance(model, nn.Module):
         raise ModelError(f"evaluate() takes an nn.Module or a file path, got {short_repr(model)}")
     model = model.cpu().eval()
     try:
         name = models.spec_of(model).name
-    except ModelError:
-        name = type(model).__name__
+    except ModelError:  # a user's model: the class the file records, else the object's
+        from deepsqueeze.models.graph import USER_ATTR
+
+        stored = getattr(model, USER_ATTR, None)
+        name = getattr(stored, "short_name", None) or type(model).__name__
     if data is None:
+        dataset = dataset or "mnist"
         images = load_dataset(dataset, split, data_dir=data_dir)
         if subset is not None:
             images = images.subset(subset)

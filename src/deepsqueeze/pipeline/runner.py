@@ -229,6 +229,7 @@ def compress(
     evaluate_file: bool = True,
     callbacks: Sequence[Any] = (),
     accuracy_floor: float | None = None,
+    extra_meta: dict[str, Any] | None = None,
 ) -> CompressResult:
     """Apply ``recipe`` to ``model``: any ``nn.Module`` (a zoo model, the user's own) or a
     model.pt path.
@@ -250,7 +251,8 @@ def compress(
     must be at least this; otherwise the recipe stops there and :class:`AccuracyFloorError`
     (carrying the result so far) is raised before anything is saved.
 
-    With ``out``, the result is saved as a .dsq file, and (``evaluate_file``) the file itself
+    With ``out``, the result is saved as a .dsq file (``extra_meta``: more JSON fields for its
+    manifest, e.g. ``{"data": "x.npz"}``), and (``evaluate_file``) the file itself
     is loaded back and scored; ``out`` is checked first (:class:`OutputPathError` when it is a
     folder, cannot be written, or is the model or recipe file), before any work.
     """
@@ -356,7 +358,7 @@ def compress(
             )
     if out is not None:
         _save(result, model, out, recipe, data, example_inputs, dense_parameters, skeleton,
-              evaluate_file, score)
+              evaluate_file, score, extra_meta)
     return result
 
 
@@ -371,6 +373,7 @@ def _save(
     skeleton: nn.Module | None,
     evaluate_file: bool,
     score: Any,
+    extra_meta: dict[str, Any] | None = None,
 ) -> None:
     """Write the .dsq file (rank 0 under torchrun), then score the file itself."""
     from deepsqueeze.dsq import inspect, load, save
@@ -392,7 +395,7 @@ def _save(
         if evaluate_file:
             score_file()
         return
-    meta: dict[str, Any] = {"recipe": recipe.name}
+    meta: dict[str, Any] = {**(extra_meta or {}), "recipe": recipe.name}
     if data.dataset is not None:
         meta["dataset"] = data.dataset
     if skeleton is None:  # a zoo model: rebuilt from its spec
