@@ -29,6 +29,8 @@ from deepsqueeze.pipeline import AccuracyFloorError, CompressionSession, prepare
 from deepsqueeze.pipeline.session import bake
 from deepsqueeze.training import TrainConfig, fit
 
+from .conftest import needs_mnist
+
 SRC = Path(deepsqueeze.__file__).parent
 
 # ------------------------------------------------------------------------------------ models
@@ -564,3 +566,48 @@ def test_own_loop_file_equals_builtin_file(tmp_path):
                 session.step()
     session.save(tmp_path / "own.dsq")
     assert (tmp_path / "own.dsq").read_bytes() == (tmp_path / "builtin.dsq").read_bytes()
+
+
+# ------------------------------------------------------------------------------------ built-in data
+
+
+class SmallMnistNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 5, stride=2)
+        self.fc = nn.Linear(4 * 12 * 12, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(F.relu(self.conv(x)), 1))
+
+
+@needs_mnist
+def test_user_model_on_a_builtin_dataset():
+    """check_fits runs a user model on the dataset's first image instead of asking its spec."""
+    recipe = {"stages": [{"method": "prune", "params": {"sparsity": 0.5},
+                          "finetune": {"epochs": 1, "lr": 0.05, "batch_size": 64}}]}
+    torch.manual_seed(0)
+    result = deepsqueeze.compress(SmallMnistNet(), recipe, dataset="mnist", subset=640,
+                                  progress=False)
+    assert result.stages[0].test_accuracy is not None and result.stages[0].test_accuracy > 0.5
+    with pytest.raises(ModelError, match=r"TabularMLP cannot run on .*\(1, 1, 28, 28\)"):
+        deepsqueeze.compress(TabularMLP(), recipe, dataset="mnist", subset=640, progress=False)
+    from deepsqueeze.data import load_dataset
+    from deepsqueeze.training import check_fits
+
+    check_fits(SmallMnistNet(), load_dataset("mnist", "test"))
+    with pytest.raises(ModelError, match="TabularMLP cannot run on mnist images"):
+        check_fits(TabularMLP(), load_dataset("mnist", "test"))
+
+
+def test_session_saves_a_zoo_model_by_its_spec(tmp_path):
+    net = deepsqueeze.models.create("lenet300")
+    recipe = {"model": "lenet300", "stages": [{"method": "prune", "params": {"sparsity": 0.9}}]}
+    session = prepare(net, recipe, example_inputs=torch.zeros(2, 1, 28, 28))
+    assert list(session) == [session.recipe.stages[0]]  # no training: the stage just ends
+    report = session.save(tmp_path / "z.dsq")
+    assert report.compression > 5
+    loaded = deepsqueeze.load(tmp_path / "z.dsq")
+    assert torch.equal(loaded.fc1.weight, net.fc1.weight)
+    with pytest.raises(RecipeError, match="written for model 'lenet5'"):
+        prepare(deepsqueeze.models.create("lenet300"), {**recipe, "model": "lenet5"})
