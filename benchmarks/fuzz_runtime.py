@@ -12,8 +12,9 @@ ResNet-20; random widths of input, classes and channels) put through a random va
 (channel pruning, magnitude pruning at 0-99.99 %, k-means sharing at 1-16 bits, random encode
 options), then edited the ways real models end up (an all-zero layer, zero rows and columns,
 255-65,536-value codebooks, tiny or huge weights, random BatchNorm statistics) and written by our
-own ``dsq.save``. One file in ~20 also gets a layer re-encoded as a ``codebook`` of more than
-65,536 entries: valid by the reader's rules, though ``save`` never writes one.
+own ``dsq.save``. Four in ten files with a layer of over 70,000 weights also get it filled with
+random values and re-encoded as a ``codebook`` of more than 65,536 entries: valid by the
+reader's rules, though ``save`` never writes one.
 
 Each file is loaded densely (``dsq.load``: the oracle) and as runtime *variants*
 (``load_runtime``): untimed with fuse on/off at every memory budget (0.5, 1, 1.5, 2, none), every
@@ -27,7 +28,7 @@ Every variant is called on every input, and each (file, variant, input) call is 
 - **right** inputs (float32 CPU tensors of the model's input shape; batch 0-65; magnitudes from
   1e-30 to 1e12; zeros, sparse, negative; contiguous, strided, transposed, channels-last,
   expanded, requiring grad) must give the dense output: same shape, and
-  ``|runtime - dense| <= 1e-4 * bound + 1e-4 * |dense|`` elementwise, where ``bound`` is the
+  ``|runtime - dense| <= 2e-5 * bound + 2e-5 * |dense|`` elementwise, where ``bound`` is the
   output of the model with every weight, bias and BatchNorm term made non-negative, applied to
   ``|x|`` (it bounds the sums whose rounding may differ);
 - **wrong** inputs (wrong channel count, height or width, too small, 1-D to 5-D, unbatched,
@@ -88,8 +89,9 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 DEFAULT_JSON = REPO / "benchmarks" / "results" / "fuzz_runtime.json"
-RTOL = 1e-4
-"""Allowed |runtime - dense| per unit of |dense| and per unit of the magnitude bound."""
+RTOL = 2e-5
+"""Allowed |runtime - dense| per unit of |dense| and per unit of the magnitude bound (float32
+rounding of sums taken in another order stays below ~3e-7 of the bound in practice)."""
 BUDGETS = (0.5, 1.0, 1.5, 2.0, None)
 FILES_PER_WORKER = 8
 WORKER_TIMEOUT_S = 1800
@@ -343,7 +345,7 @@ def make_file(seed: int, attempts: int = 4) -> FileCase | None:
     reencoded = False
     big = [n for n, m in model.named_modules()
            if isinstance(m, (nn.Linear, nn.Conv2d)) and m.weight.numel() > 70000]
-    if big and rng.random() < 0.1:
+    if big and rng.random() < 0.4:
         # a layer with > 65,536 distinct values, re-encoded as one codebook
         with torch.no_grad():
             w = model.get_submodule(big[0]).weight
@@ -1162,6 +1164,18 @@ def _results(tally: Tally, crashes: list[dict[str, Any]], reports: Counter,
     }
 
 
+def relative_paths(value: Any) -> Any:
+    """``value`` with this checkout's path written ``.`` and the home folder ``~`` in every
+    string (results files carry no absolute paths of the machine they ran on)."""
+    if isinstance(value, str):
+        return value.replace(str(REPO), ".").replace(str(Path.home()), "~")
+    if isinstance(value, list):
+        return [relative_paths(v) for v in value]
+    if isinstance(value, dict):
+        return {k: relative_paths(v) for k, v in value.items()}
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1198,7 +1212,7 @@ def main(argv: list[str] | None = None) -> int:
     results = fuzz(args.executions, args.seed, args.sanitize, args.files_per_worker)
     if not args.no_json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=1) + "\n")
+        args.json.write_text(json.dumps(relative_paths(results), indent=1) + "\n")
     summary = {k: results[k] for k in ("executions", "files", "variants_loaded", "failures",
                                        "crashes", "sanitizer_reports", "wall_s")}
     print(json.dumps(summary))
