@@ -12,6 +12,7 @@ from .idx import read_idx
 from .loaders import as_loader
 from .registry import DATASETS, DatasetInfo, FileSpec
 from .search import ENV_VAR, find_dataset_dir, search_path, user_cache_dir
+from .user import UserData, UserDataset, load_user_data
 
 __all__ = [
     "DATASETS",
@@ -19,10 +20,13 @@ __all__ = [
     "DatasetInfo",
     "FileSpec",
     "ImageDataset",
+    "UserData",
+    "UserDataset",
     "as_loader",
     "clear_cache",
     "find_dataset_dir",
     "load_dataset",
+    "load_user_data",
     "read_idx",
     "search_path",
     "user_cache_dir",
