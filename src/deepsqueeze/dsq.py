@@ -461,12 +461,13 @@ def load(
     if model is not None and not isinstance(model, nn.Module):
         raise ModelError(f"load: model= must be an nn.Module instance, got {type(model).__name__}")
     stored = read_model_file(path)
-    skeleton = stored.skeleton(model)  # meta: checks everything before any memory is taken
-    state = {name: stored.decode(name) for name in stored.entries}
     if model is None:
+        skeleton = stored.skeleton()  # meta: checks everything before any memory is taken
+        state = {name: stored.decode(name) for name in stored.entries}
         model = skeleton.to_empty(device="cpu")  # real memory: exactly the stored shapes
     else:
-        fit_skeleton(model, stored.shapes, stored.source)  # as checked on the meta copy
+        state = {name: stored.decode(name) for name in stored.entries}  # the file first
+        fit_skeleton(model, stored.shapes, stored.source)
     for key, value in model.state_dict().items():
         state[key] = state[key].to(value.dtype)
     try:

@@ -667,6 +667,9 @@ def _same_outputs(model: nn.Module, rebuilt: nn.Module, example: Any) -> bool:
     inputs = tuple(x[:4] for x in inputs)  # a few samples are enough to check the wiring
     was_training = model.training
     try:
+        device = next(iter(model.parameters()), torch.empty(0)).device
+        rebuilt.to(device)
+        inputs = tuple(x.to(device) for x in inputs)
         model.eval()
         with torch.no_grad():
             want = model(*inputs)

@@ -67,7 +67,13 @@ def meta_copy(model: nn.Module) -> nn.Module:
         memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad)
     for b in model.buffers():
         memo[id(b)] = torch.empty_like(b, device="meta")
-    return copy.deepcopy(model, memo)
+    try:
+        return copy.deepcopy(model, memo)
+    except Exception as exc:  # a user's module may hold objects that cannot be copied
+        raise ModelError(
+            f"the given {type(model).__name__} cannot be copied to the meta device "
+            f"({type(exc).__name__}: {str(exc)[:200]}); pass a plain instance of the architecture"
+        ) from exc
 
 
 def fit_skeleton(
