@@ -375,6 +375,13 @@ def test_model_pt_files_of_user_models(tmp_path: Path) -> None:
     assert isinstance(load_model(b, model=Branchy()), Branchy)
     with pytest.raises(ModelError, match="missing in the file"):
         load_model(path, model=ResidualNet())
+    ckpt = tmp_path / "ckpt.pt"  # a training checkpoint of a user model: weights only
+    torch.save({"format": "deepsqueeze-model", "version": 1, "model_spec": None,
+                "state_dict": net.state_dict()}, ckpt)
+    with pytest.raises(ModelError, match=r"load_model\(path, model=MyNet\(\)\)"):
+        load_model(ckpt)
+    with torch.no_grad():
+        assert torch.equal(load_model(ckpt, model=FashionCNN())(*x), want)
     zoo = save_model(models.create("lenet300"), tmp_path / "zoo.pt")
     assert models.spec_of(load_model(zoo)).name == "lenet300"
 

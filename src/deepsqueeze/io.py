@@ -427,6 +427,12 @@ def model_from_state(
             model = rebuild(user.graph).to_empty(device="cpu")
         except DsqFormatError as exc:
             raise CheckpointError(f"{source}: {exc}") from None
+    elif obj.get("model_spec", ...) is None:  # a checkpoint of a user's model: weights only
+        raise ModelError(
+            f"{source} holds the weights of a model that is not in the zoo, without its "
+            "architecture (a training checkpoint): load it into an instance of the class with "
+            "deepsqueeze.load_model(path, model=MyNet())"
+        )
     else:
         try:
             spec = models.ModelSpec.from_dict(obj["model_spec"])
