@@ -19,6 +19,8 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -730,3 +732,38 @@ def test_the_readers_only_look_down() -> None:
     from deepsqueeze.models.state import resize_to_shapes
 
     assert channel_pruning.resize_to_shapes is resize_to_shapes  # kept for old imports
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**64), 2**64) | st.floats(allow_nan=False,
+                                                                         allow_infinity=False)
+    | st.sampled_from(["x", "os.system", "__import__", "shape", "head.1", "Linear", "add",
+                       "view", "node", "tuple", "slice", "ellipsis", "same", ""]),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+        st.sampled_from(["node", "tuple", "slice", "ellipsis", "type", "config", "name", "op",
+                         "target", "args", "kwargs", "x"]), inner, max_size=3),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(where=st.integers(0, 10_000), key=st.integers(0, 10), value=_JSON)
+def test_any_changed_graph_field_loads_or_is_a_format_error(cnn_file: bytes, where: int,
+                                                            key: int, value: Any) -> None:
+    def change(m: dict[str, Any]) -> None:
+        graph = _graph(m)
+        if where % 2:
+            node = graph["nodes"][where % len(graph["nodes"])]
+            node[sorted([*node, "args", "kwargs"])[key % (len(node) + 2)]] = value
+        else:
+            mod = graph["modules"][sorted(graph["modules"])[where % len(graph["modules"])]]
+            config = mod["config"]
+            if config and key % 3:
+                config[sorted(config)[key % len(config)]] = value
+            else:
+                mod["type" if key % 2 else "config"] = value
+
+    data = _forge(cnn_file, change)
+    for read in (lambda: dsq.load(data), lambda: dsq.inspect(data)):
+        _, elapsed, _ = _guarded(read)  # a DsqFormatError or a valid result, nothing else
+        assert elapsed < 2.0
