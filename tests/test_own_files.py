@@ -267,6 +267,12 @@ def test_any_module_saves_and_loads_three_ways(cls: type[nn.Module], tmp_path: P
     assert again.class_name == report.class_name
 
 
+def test_example_inputs_that_do_not_run_the_model_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match=r"example_inputs \[\(2, 5\)\] do not run ResidualNet"):
+        dsq.save(_trained(ResidualNet), tmp_path / "a.dsq", example_inputs=torch.randn(2, 5))
+    assert not (tmp_path / "a.dsq").exists()
+
+
 def test_dense_parameters_of_a_user_model(tmp_path: Path) -> None:
     net = _trained(ResidualNet)
     report = dsq.save(net, tmp_path / "a.dsq", dense_parameters=10_000)

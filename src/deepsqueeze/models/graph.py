@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.utils import parametrize
 
-from deepsqueeze.errors import DsqFormatError
+from deepsqueeze.errors import DsqFormatError, ModelError
 from deepsqueeze.models.state import plain_state
 
 __all__ = [
@@ -815,6 +815,25 @@ class UserModel:
         )
 
 
+def _check_runs(model: nn.Module, inputs: tuple[Any, ...]) -> None:
+    """ModelError unless ``model(*inputs)`` runs (a few samples, eval mode, no grad)."""
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(*(x[:4] if isinstance(x, torch.Tensor) and x.dim() else x for x in inputs))
+    except Exception as exc:
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+                  for x in inputs]
+        raise ModelError(
+            f"example_inputs {shapes} do not run {type(model).__name__}: {text[:300]}; pass "
+            "what its forward takes (a tensor or a tuple of tensors, batch dimension first)"
+        ) from exc
+    finally:
+        model.train(was_training)
+
+
 def describe(
     model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor] | None = None
 ) -> UserModel:
@@ -836,6 +855,7 @@ def describe(
         if all(isinstance(t, torch.Tensor) and t.dim() >= 1 and t.dtype in names
                for t in tensors) and 1 <= len(tensors) <= MAX_INPUTS:
             inputs = tuple((tuple(t.shape[1:]), names[t.dtype]) for t in tensors)
+        _check_runs(model, tensors)
     elif isinstance(known, UserModel):
         inputs = known.inputs
     if example_inputs is None and inputs is not None:
