@@ -159,9 +159,9 @@ RECIPE = {
     "name": "prune-share",
     "stages": [
         {"method": "prune", "params": {"sparsity": 0.6},
-         "finetune": {"epochs": 1, "lr": 0.02, "batch_size": 32}},
+         "finetune": {"epochs": 1, "lr": 0.02, "batch_size": 32, "device": "cpu"}},
         {"method": "share", "params": {"bits": 3},
-         "finetune": {"epochs": 1, "lr": 0.002, "batch_size": 32}},
+         "finetune": {"epochs": 1, "lr": 0.002, "batch_size": 32, "device": "cpu"}},
     ],
 }
 
@@ -362,9 +362,9 @@ def test_own_loop_equals_builtin_finetuning():
              "params": {"sparsity": 0.75, "schedule": {"kind": "polynomial", "end_step": 8,
                                                        "frequency": 2}},
              "finetune": {"epochs": 2, "lr": 0.05, "lr_schedule": "constant",
-                          "weight_decay": 1e-4}},
+                          "weight_decay": 1e-4, "device": "cpu"}},
             {"method": "share", "params": {"bits": 3},
-             "finetune": {"epochs": 1, "lr": 0.01, "lr_schedule": "constant"}},
+             "finetune": {"epochs": 1, "lr": 0.01, "lr_schedule": "constant", "device": "cpu"}},
         ],
     }
     base, _, _ = _trained("tabular-mlp")
