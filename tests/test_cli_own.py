@@ -719,3 +719,46 @@ def test_example_own_model_fashion_quick(tmp_path: Path) -> None:
     assert result["runtime_max_abs_diff"] < 1e-3
     assert result["compression"] > 10 and 0 < result["file_accuracy"] <= 1
     assert str(tmp_path) not in numbers.read_text()
+
+
+def test_export_own_models_cli_and_two_inputs(
+        own: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    """`export` takes a user's model (it refused: 'has no model spec'): from the graph, into the
+    skeleton with --model-code, and a model with two inputs (input0, input1) in Python."""
+    import onnxruntime
+
+    from deepsqueeze import dsq
+    from deepsqueeze.runtime.onnx_export import export_onnx
+
+    torch.manual_seed(0)
+    net = build_model(f"{own['code']}:TinyMLP").eval()
+    dsq.save(net, "mlp.dsq", example_inputs=torch.zeros(1, 6))
+    status, out, err = run_cli(["export", "mlp.dsq", "--out", "mlp.onnx"], capsys)
+    assert status == 0, err
+    assert "input 'input'" in out
+    x = torch.randn(5, 6)
+    sess = onnxruntime.InferenceSession("mlp.onnx", providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        want = dsq.load("mlp.dsq")(x).numpy()
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+    scaled = build_model(f"{own['nograph']}:ScaledMLP").eval()
+    dsq.save(scaled, "scaled.dsq", example_inputs=torch.zeros(1, 6))
+    status, _, err = run_cli(["export", "scaled.dsq", "--out", "s.onnx"], capsys)
+    assert_one_error(status, err, "--model-code")
+    assert not Path("s.onnx").exists()
+    status, out, err = run_cli(["export", "scaled.dsq", "--out", "s.onnx", "--model-code",
+                                f"{own['nograph']}:ScaledMLP"], capsys)
+    assert status == 0, err
+
+    two = build_model(f"{own['code']}:TwoInputs").eval()
+    xs = (torch.randn(3, 5), torch.randint(0, 100, (3, 7)))
+    data = export_onnx(two, example_inputs=xs)
+    sess = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
+    assert [i.name for i in sess.get_inputs()] == ["input0", "input1"]
+    got = sess.run(None, {"input0": xs[0].numpy(), "input1": xs[1].numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(got, two(*xs).numpy(), atol=1e-5)
+    with pytest.raises(ModelError, match="pass example_inputs"):
+        export_onnx(two)

@@ -520,12 +520,22 @@ def bench(
 def export(
     model_file: Annotated[Path, typer.Argument(help="A .dsq file (or a model.pt).")],
     out: Annotated[Path, typer.Option(help="The .onnx file to write.")],
+    model_code: ModelCode = None,
+    model_args: ModelArgs = None,
 ) -> None:
     """Export a model to ONNX (opset 17, dynamic batch), its weights decoded to dense fp32."""
+    from deepsqueeze.outputs import check_output_file
     from deepsqueeze.runtime.onnx_export import export_onnx
 
-    data = export_onnx(model_file, out)
-    console.print(f"{out}: {len(data):,} bytes (ONNX opset 17, input 'input', output 'logits')")
+    check_output_file(out, inputs=[model_file])  # before the user's code runs
+    skeleton = _user_model(model_code, model_args)
+    with _code_hint(model_code):
+        data = export_onnx(model_file, out, model=skeleton)
+    import onnx
+
+    graph = onnx.load_from_string(data).graph
+    inputs = ", ".join(f"'{i.name}'" for i in graph.input if i.name.startswith("input"))
+    console.print(f"{out}: {len(data):,} bytes (ONNX opset 17, input {inputs}, output 'logits')")
 
 
 @app.command("models")

@@ -34,33 +34,63 @@ def _require(module: str) -> Any:
         ) from exc
 
 
+def _inputs_for(model: nn.Module, example_inputs: Any) -> tuple[torch.Tensor, ...]:
+    """The inputs to trace ``model`` with: ``example_inputs`` (a tensor or a tuple, batch
+    first), else the zoo spec's input shape, else the inputs a loaded file records."""
+    from deepsqueeze import models
+    from deepsqueeze.errors import ModelError
+    from deepsqueeze.models.graph import USER_ATTR
+
+    if example_inputs is not None:
+        xs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else \
+            (example_inputs,)
+        if not xs or not all(isinstance(x, torch.Tensor) for x in xs):
+            raise ModelError("example_inputs must be a tensor or a tuple of tensors "
+                             "(batch dimension first)")
+        return tuple(x[:1].cpu() for x in xs)
+    if isinstance(getattr(model, models.registry.SPEC_ATTR, None), models.ModelSpec):
+        return (torch.randn(1, *models.input_shape_of(model)),)
+    stored = getattr(model, USER_ATTR, None)
+    if stored is not None and stored.inputs is not None:
+        return stored.example_inputs(1, device="cpu")
+    raise ModelError(
+        f"cannot export {type(model).__name__}: its input shapes are unknown (the file records "
+        "none); pass example_inputs= (a tensor or a tuple, batch dimension first)"
+    )
+
+
 def export_onnx(source: nn.Module | str | Path, out: str | Path | None = None,
-                opset: int = OPSET) -> bytes:
+                opset: int = OPSET, *, model: nn.Module | None = None,
+                example_inputs: torch.Tensor | tuple[torch.Tensor, ...] | None = None) -> bytes:
     """Export a model (or a .dsq / model.pt file, decoded dense) to ONNX; returns the bytes and
     writes them to ``out`` when given (checked first: :class:`OutputPathError` when ``out`` is
-    a folder, cannot be written, or is the ``source`` file)."""
+    a folder, cannot be written, or is the ``source`` file).
+
+    Any ``nn.Module``: a file of the user's own model loads from its graph or into ``model``
+    (an instance of its class); it is traced with ``example_inputs`` (default: the zoo input
+    shape, or the inputs the file records). One input is named ``input``; several ``input0``,
+    ``input1``, ...; the output ``logits``; the batch axis is dynamic."""
     if out is not None:
         from deepsqueeze.outputs import check_output_file
 
         check_output_file(out, inputs=[source] if isinstance(source, (str, Path)) else [])
     _require("onnx")
-    from deepsqueeze import models
-
     if isinstance(source, (str, Path)):
         from deepsqueeze.dsq import load_model_or_dsq
 
-        model = load_model_or_dsq(source)
+        net = load_model_or_dsq(source, model=model)
     else:
-        model = source
-    model = model.cpu().eval()
-    x = torch.randn(1, *models.input_shape_of(model))
+        net = source
+    net = net.cpu().eval()
+    xs = _inputs_for(net, example_inputs)
+    names = [INPUT_NAME] if len(xs) == 1 else [f"{INPUT_NAME}{i}" for i in range(len(xs))]
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the legacy exporter announces its deprecation
         torch.onnx.export(
-            model, (x,), buf, dynamo=False, opset_version=opset,
-            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            net, xs, buf, dynamo=False, opset_version=opset,
+            input_names=names, output_names=[OUTPUT_NAME],
+            dynamic_axes={**{n: {0: "batch"} for n in names}, OUTPUT_NAME: {0: "batch"}},
         )
     data = buf.getvalue()
     if out is not None:
