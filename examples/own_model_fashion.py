@@ -176,7 +176,8 @@ def main() -> None:
     loss_fn = nn.CrossEntropyLoss(label_smoothing=0.05)  # the user's loss, used for fine-tuning
 
     model = FashionCNN()
-    print(f"training FashionCNN ({sum(p.numel() for p in model.parameters()):,} parameters) "
+    dense_parameters = sum(p.numel() for p in model.parameters())  # before compression
+    print(f"training FashionCNN ({dense_parameters:,} parameters) "
           f"on {len(x_train):,} Fashion-MNIST images, {epochs} epochs")
     t0 = time.perf_counter()
     train(model, train_loader, epochs, loss_fn)
@@ -218,7 +219,7 @@ def main() -> None:
         "train_samples": len(x_train),
         "test_samples": len(x_test),
         "train_epochs": epochs,
-        "dense_parameters": sum(p.numel() for p in model.parameters()),
+        "dense_parameters": dense_parameters,
         "dense_accuracy": dense_acc,
         "baseline_accuracy": result.baseline_accuracy,
         "stages": [{"stage": s.stage, "accuracy": s.test_accuracy,

@@ -762,3 +762,33 @@ def test_export_own_models_cli_and_two_inputs(
         np.testing.assert_allclose(got, two(*xs).numpy(), atol=1e-5)
     with pytest.raises(ModelError, match="pass example_inputs"):
         export_onnx(two)
+
+
+def test_bench_own_models(own: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    """`bench` takes a user's model file (it refused: 'has no model spec'): from its graph, or
+    into the skeleton with --model-code; a two-input model in Python; outputs agree."""
+    from deepsqueeze import dsq
+    from deepsqueeze.runtime.bench import bench
+
+    torch.manual_seed(0)
+    scaled = build_model(f"{own['nograph']}:ScaledMLP").eval()
+    dsq.save(scaled, "scaled.dsq", example_inputs=torch.zeros(1, 6))
+    argv = ["bench", "scaled.dsq", "--batch", "1,4", "--runs", "2", "--no-autotune",
+            "--json", "b.json"]
+    status, _, err = run_cli(argv, capsys)
+    assert_one_error(status, err, "--model-code")
+    status, out, err = run_cli([*argv, "--model-code", f"{own['nograph']}:ScaledMLP"], capsys)
+    assert status == 0, err
+    report = json.loads(Path("b.json").read_text())
+    assert report["model"] == "ScaledMLP"
+    backends = {(t["backend"], t["batch"]) for t in report["timings"]}
+    assert {("dense", 1), ("runtime", 4), ("onnxruntime", 4)} <= backends
+    assert all(t["max_abs_diff"] < 1e-4 for t in report["timings"])
+    assert "peak RSS not measured" in out
+
+    two = build_model(f"{own['code']}:TwoInputs").eval()
+    tokens = torch.zeros(1, 7, dtype=torch.int64)
+    dsq.save(two, "two.dsq", example_inputs=(torch.zeros(1, 5), tokens))
+    result = bench("two.dsq", [2], runs=2, memory=False, autotune=False)
+    assert {t.backend for t in result.timings} == {"dense", "runtime", "onnxruntime"}
+    assert all(t.max_abs_diff < 1e-4 for t in result.timings)

@@ -488,6 +488,8 @@ def bench(
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Also write the numbers to this JSON file.")
     ] = None,
+    model_code: ModelCode = None,
+    model_args: ModelArgs = None,
 ) -> None:
     """Latency (median, p95), throughput and memory: dense PyTorch vs our runtime vs onnxruntime."""
     from deepsqueeze.options import short_repr
@@ -501,12 +503,15 @@ def bench(
             f"--batch must be comma-separated integers, got {short_repr(batch)}"
         ) from exc
     _check_outputs(json_out, [dsq_file])
-    report = run_bench(
-        dsq_file, batches, runs=runs, threads=threads, memory=memory,
-        backends=[b for b in BACKENDS if onnx or b != "onnxruntime"],
-        autotune=autotune, memory_budget=memory_budget or None,
-        progress=lambda msg: err_console.print(Text(printable(msg), style="dim")),
-    )
+    skeleton = _user_model(model_code, model_args)
+    with _code_hint(model_code):
+        report = run_bench(
+            dsq_file, batches, runs=runs, threads=threads, memory=memory,
+            backends=[b for b in BACKENDS if onnx or b != "onnxruntime"],
+            autotune=autotune, memory_budget=memory_budget or None,
+            progress=lambda msg: err_console.print(Text(printable(msg), style="dim")),
+            model=skeleton,
+        )
     show(report.speed_table())
     show(report.memory_table())
     for info in report.runtime_infos.values():

@@ -144,8 +144,14 @@ def bench(
     autotune: bool | None = None,
     memory_budget: float | None = 2.0,
     progress: Callable[[str], None] | None = None,
+    model: torch.nn.Module | None = None,
 ) -> BenchReport:
     """Benchmark ``path`` at each batch size on ``backends`` (see module doc).
+
+    A file of the user's own model loads from its graph, or into ``model`` (an instance of its
+    class); its inputs are the ones the file records (floats random, integers zero, so token
+    ids stay valid). Peak RSS is measured for zoo models only (the fresh interpreter rebuilds
+    the model by name); for a user's model a note says so.
 
     Raises :class:`OptionError` for a batch size outside 1..``MAX_BATCH``, ``runs`` outside
     1..``MAX_RUNS``, ``threads`` outside 1..``MAX_THREADS``, a ``memory_budget`` that is not a
@@ -171,8 +177,27 @@ def bench(
     if threads is not None:
         torch.set_num_threads(threads)
     threads = torch.get_num_threads()
-    dense = load(path)
-    shape = tuple(models.input_shape_of(dense))
+    dense = load(path, model=model)
+    zoo = isinstance(getattr(dense, models.registry.SPEC_ATTR, None), models.ModelSpec)
+    if zoo:
+        shape = tuple(models.input_shape_of(dense))
+        model_name = models.spec_of(dense).name
+    else:
+        from deepsqueeze.models.graph import USER_ATTR
+
+        stored = getattr(dense, USER_ATTR, None)
+        if stored is None or stored.inputs is None:
+            raise OptionError(f"{path}: the file records no input shapes; save it with "
+                              "example_inputs= to benchmark it")
+        shape, model_name = (), stored.short_name
+
+    def inputs_for(batch: int) -> tuple[torch.Tensor, ...]:
+        gen = torch.Generator().manual_seed(batch)
+        if zoo:
+            return (torch.randn(batch, *shape, generator=gen),)
+        return tuple(
+            torch.randn(x.shape, generator=gen) if x.is_floating_point() else torch.zeros_like(x)
+            for x in stored.example_inputs(batch, device="cpu"))
     ort_version = None
     session = None
     notes: list[str] = []
@@ -196,7 +221,7 @@ def bench(
     dsq = read_dsq(path)
     report = BenchReport(
         path=str(path),
-        model=models.spec_of(dense).name,
+        model=model_name,
         file_bytes=dsq.file_size,
         dense_bytes=int(dsq.meta.get("dense_parameters", 0)) * 4,
         threads=threads,
@@ -211,29 +236,30 @@ def bench(
         report.weights_bytes["onnxruntime"] = onnx_path.stat().st_size
     try:
         for batch in batches:
-            x = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(batch))
+            xs = inputs_for(batch)
             fns: dict[str, Callable[[], object]] = {}
             outs: dict[str, torch.Tensor] = {}
             rt = None
             with torch.inference_mode():
                 if "dense" in backends or "runtime" in backends:
-                    outs["dense"] = dense(x)
+                    outs["dense"] = dense(*xs)
                 if "dense" in backends:
-                    fns["dense"] = lambda x=x: dense(x)
+                    fns["dense"] = lambda xs=xs: dense(*xs)
                 if "runtime" in backends:
                     say(f"batch {batch}: tuning the runtime")
                     rt = load_runtime(path, batch_size=batch, autotune=autotune,
-                                      memory_budget=memory_budget)
+                                      memory_budget=memory_budget, model=model)
                     info = runtime_info(rt)
                     report.runtime[str(batch)] = info.to_dict()
                     report.runtime_infos[batch] = info
                     report.weights_bytes["runtime"] = info.held_bytes
-                    outs["runtime"] = rt(x)
-                    fns["runtime"] = lambda x=x, rt=rt: rt(x)
+                    outs["runtime"] = rt(*xs)
+                    fns["runtime"] = lambda xs=xs, rt=rt: rt(*xs)
                 if session is not None:
-                    xn = x.numpy()
-                    outs["onnxruntime"] = torch.from_numpy(session.run(None, {"input": xn})[0])
-                    fns["onnxruntime"] = lambda xn=xn: session.run(None, {"input": xn})
+                    names = [i.name for i in session.get_inputs()]
+                    feed = {n: x.numpy() for n, x in zip(names, xs, strict=True)}
+                    outs["onnxruntime"] = torch.from_numpy(session.run(None, feed)[0])
+                    fns["onnxruntime"] = lambda feed=feed: session.run(None, feed)
                 say(f"batch {batch}: timing {', '.join(fns)}")
                 samples = time_interleaved(fns, runs)
             med = {n: statistics.median(s) for n, s in samples.items()}
@@ -247,7 +273,11 @@ def bench(
                     speedup_vs_dense=(base / med[name]) if base else float("nan"),
                     max_abs_diff=diff, runs=len(s),
                 ))
-            if memory:
+            if memory and not zoo:
+                if batch == batches[0]:
+                    report.notes.append("peak RSS not measured: the fresh interpreter that "
+                                        "measures it rebuilds zoo models only")
+            elif memory:
                 for name in fns:
                     say(f"batch {batch}: peak RSS of {name}")
                     is_rt = name == "runtime" and rt is not None
