@@ -792,3 +792,37 @@ def test_bench_own_models(own: dict[str, Path], capsys: pytest.CaptureFixture[st
     result = bench("two.dsq", [2], runs=2, memory=False, autotune=False)
     assert {t.backend for t in result.timings} == {"dense", "runtime", "onnxruntime"}
     assert all(t.max_abs_diff < 1e-4 for t in result.timings)
+
+
+CNN_PY = '''
+from torch import nn
+
+
+def tiny_cnn(classes: int = 2):
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
+                         nn.Flatten(), nn.Linear(16, classes))
+'''
+
+
+def test_cli_train_and_evaluate_on_an_image_folder(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`--data folder/` (one sub-folder per class) with `--image-size`, a factory function from
+    the user's file, and `evaluate` of the model.pt on the same folder."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cnn_code.py").write_text(CNN_PY)
+    sys.modules.pop("cnn_code", None)
+    root = image_folder(tmp_path / "imgs", per_class=8, size=(9, 7))
+    _png(root / "dog" / "odd.png", np.zeros((12, 10, 3), np.uint8))  # another size: resized
+    argv = ["train", "--model-code", "cnn_code.py:tiny_cnn", "--data", root, "--epochs", "1",
+            "--batch-size", "4", "--out", "run", "--no-progress"]
+    status, _, err = run_cli(argv, capsys)
+    assert_one_error(status, err, "--image-size")
+    status, out, err = run_cli([*argv, "--image-size", "8x6"], capsys)
+    assert status == 0, err
+    assert "trained Sequential on imgs" in out
+    status, out, err = run_cli(["evaluate", "run/model.pt", "--data", root, "--image-size",
+                                "8x6", "--no-speed", "--json", "e.json"], capsys)
+    assert status == 0, err
+    report = json.loads(Path("e.json").read_text())
+    assert report["samples"] == 2 and "validation split carved from imgs" in report["dataset"]
