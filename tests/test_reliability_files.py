@@ -452,7 +452,7 @@ def test_overlapping_zip_members_are_refused_in_linear_time(weights_pt: bytes,
         path.write_bytes(data)
         exc, elapsed, peak = _measured(lambda: safe_load(path), CheckpointError)
         assert any(m in str(exc) for m in match.split("|")), str(exc)
-        assert elapsed < 2 and peak < 16 * len(data) + (8 << 20)
+        assert elapsed < 5 and peak < 16 * len(data) + (8 << 20)
 
 
 def test_zip_members_out_of_place_are_refused(weights_pt: bytes, tmp_path: Path) -> None:
@@ -522,7 +522,7 @@ def test_a_gzip_bomb_in_a_data_folder_is_refused_quickly(header: bytes,
         DatasetCorruptError)
     # the real file's size, or at once when the first bytes are no IDX header
     assert f"decompresses to more than {'47,040,016' if header else '36'} bytes" in str(exc)
-    assert elapsed < 2 and peak < 8 << 20, (elapsed, peak)
+    assert elapsed < 5 and peak < 8 << 20, (elapsed, peak)
 
 
 def test_a_dataset_file_larger_than_its_contents_is_not_read(isolated_data: Path) -> None:
