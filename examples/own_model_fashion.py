@@ -12,7 +12,7 @@
 Run::
 
     export DEEPSQUEEZE_DATA=/path/to/data      # holding fashion-mnist/ (or it is downloaded)
-    python examples/own_model_fashion.py            # 20,000 training images, ~2-3 min on 2 cores
+    python examples/own_model_fashion.py            # 20,000 training images, 3 epochs
     python examples/own_model_fashion.py --quick    # a subset, seconds (what the test runs)
 
 The full run writes its numbers to ``benchmarks/results/own_model_fashion.json``.
