@@ -826,3 +826,33 @@ def test_cli_train_and_evaluate_on_an_image_folder(
     assert status == 0, err
     report = json.loads(Path("e.json").read_text())
     assert report["samples"] == 2 and "validation split carved from imgs" in report["dataset"]
+
+
+def test_train_compress_evaluate_hold_out_the_same_validation_split(
+        own: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    """`train --seed 7 --data x.npz` carves the validation split compress and evaluate use
+    (seed 0): the samples a model is scored on are never trained on, whatever --seed is."""
+    seen: list[torch.Tensor] = []
+    import deepsqueeze.data.user as user_mod
+
+    original = user_mod.load_user_data
+
+    def spy(*args: object, **kwargs: object) -> user_mod.UserData:
+        data = original(*args, **kwargs)  # type: ignore[arg-type]
+        seen.append(data.test.labels.clone())
+        seen.append(data.test.inputs[0].clone())
+        return data
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(user_mod, "load_user_data", spy)
+    try:
+        status, _, err = run_cli(["train", "--model-code", f"{own['code']}:TinyMLP", "--data",
+                                  own["npz"], "--epochs", "1", "--seed", "7", "--out", "run",
+                                  "--no-progress"], capsys)
+        assert status == 0, err
+        status, _, err = run_cli(["evaluate", "run/model.pt", "--data", own["npz"],
+                                  "--no-speed"], capsys)
+        assert status == 0, err
+    finally:
+        mp.undo()
+    assert len(seen) == 4 and torch.equal(seen[1], seen[3]) and torch.equal(seen[0], seen[2])

@@ -116,7 +116,9 @@ def _code_hint(code: str | None) -> Iterator[None]:
 
 def _user_data(path: Path | None, image_size: str | None, dataset: str | None,
                seed: int = 0) -> Any:
-    """The user's ``--data`` (None without it); ``--data`` and ``--dataset`` are exclusive."""
+    """The user's ``--data`` (None without it); ``--data`` and ``--dataset`` are exclusive.
+    Every command carves the validation split with seed 0, so train, compress and evaluate
+    hold out the same samples."""
     if path is None:
         if image_size is not None:
             raise OptionError("--image-size applies to a --data folder of images")
@@ -300,7 +302,7 @@ def _train_user(code: str, args: str | None, data_path: Path | None, image_size:
     random.seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
     torch.manual_seed(cfg.seed)  # the model's initial weights too
-    user = _user_data(data_path, image_size, dataset, seed=cfg.seed)
+    user = _user_data(data_path, image_size, dataset)  # seed 0: the split compress sees
     if user is not None:
         train_set, test_set, label = user.train, user.test, user.source
         record = {"data": user.source}
