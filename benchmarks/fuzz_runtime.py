@@ -1050,10 +1050,23 @@ def _crash_record(seeds: list[int], lines: list[dict[str, Any]], proc_rc: int | 
     }
 
 
+def _source_version() -> str | None:
+    """The checkout's commit, with ``+changes`` when ``src`` differs from it (None: no git)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, text=True,
+                              capture_output=True, timeout=30).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src"], cwd=REPO,
+                               text=True, capture_output=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (head + (" +changes in src" if dirty else "")) if head else None
+
+
 def fuzz(executions: int, seed: int, sanitize: bool, files_per_worker: int = FILES_PER_WORKER,
          log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run files until ``executions`` executions are done; return the results dict."""
     env = _env(sanitize)
+    version = _source_version()
     tally = Tally()
     crashes: list[dict[str, Any]] = []
     reports = Counter()
@@ -1101,7 +1114,9 @@ def fuzz(executions: int, seed: int, sanitize: bool, files_per_worker: int = FIL
             log(f"{tally.executions:,} executions, {tally.files} files, "
                 f"{tally.failure_count} failures, {time.perf_counter() - t0:.0f} s")
     wall = time.perf_counter() - t0
-    return _results(tally, crashes, reports, heads, wall, seed, sanitize, executions)
+    results = _results(tally, crashes, reports, heads, wall, seed, sanitize, executions)
+    results["source"] = version
+    return results
 
 
 def _chain(first: list[int], rest: Iterator[int]) -> Iterator[int]:
