@@ -331,6 +331,9 @@ def launch_torchrun(argv: Sequence[str], nproc: int, module: str = "deepsqueeze"
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
+    from deepsqueeze.options import check_int
+
+    check_int("--nproc (processes)", nproc, 1, 1024)
     if "OMP_NUM_THREADS" not in os.environ:  # share this node's cores between the workers
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
     # workers run `python -m`, which puts the working directory first on sys.path: with
