@@ -7,10 +7,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
 
 # One thread per test process: the CI machine has 2 cores, and oversubscribed BLAS threads make
 # small-model tests many times slower.
 torch.set_num_threads(1)
+
+# Property tests draw the same examples on every run (`make test` must not pass or fail by
+# chance); HYPOTHESIS_PROFILE=random explores new ones, as the long fuzz runs do.
+settings.register_profile("deterministic", derandomize=True)
+settings.register_profile("random", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "deterministic"))
 
 REPO = Path(__file__).resolve().parents[1]
 _default = REPO.parent / "shared" / "data"
