@@ -16,6 +16,16 @@ own ``dsq.save``. Four in ten files with a layer of over 70,000 weights also get
 random values and re-encoded as a ``codebook`` of more than 65,536 entries: valid by the
 reader's rules, though ``save`` never writes one.
 
+With ``--user-share S`` a share S of the files are *user* models instead (not the zoo:
+nn.Modules defined here -- a CNN with BatchNorm, dropout and a head, a residual-add net, a
+tabular MLP with BatchNorm1d, a two-input model, an Embedding + Conv1d model fed token ids),
+through the same random recipes (prune/share on Linear, Conv1d, Conv2d, Embedding) and edits,
+saved with ``example_inputs`` (so with their fx graph) and loaded class-free; their runtime
+variants also include a skeleton load (``model=`` a fresh instance), dense and runtime, which
+must equal the class-free dense load. Their wrong inputs: wrong feature/channel counts, wrong
+dtypes, float, out-of-range (vocab, -1, 2**31, 2**62...), int32/uint8/bool token ids, too many,
+too few, swapped or no inputs. User files have seeds ``seed * 10**6 + 500,000 + j``.
+
 Each file is loaded densely (``dsq.load``: the oracle) and as runtime *variants*
 (``load_runtime``): untimed with fuse on/off at every memory budget (0.5, 1, 1.5, 2, none), every
 executor the registry offers forced on every layer that offers it (the kernel ones fused and
@@ -121,11 +131,18 @@ class FileCase:
     recipe: dict[str, Any]
     edits: list[str]
     reencoded: bool
-    input_shape: tuple[int, int, int]
+    input_shape: tuple[int, ...]
     flattening: bool
     data: bytes
     encodings: dict[str, str] = field(default_factory=dict)
     recipes_refused: int = 0
+    user_inputs: list[tuple[tuple[int, ...], str]] = field(default_factory=list)
+    """A user model's inputs (shape without the batch dimension, "float" or "tokens");
+    empty for a zoo model."""
+
+    @property
+    def user(self) -> bool:
+        return self.model.startswith("user:")
 
 
 def _model_options(rng: np.random.Generator) -> tuple[str, dict[str, Any]]:
@@ -209,7 +226,7 @@ def _random_recipe(rng: np.random.Generator, model: str, names: list[str]) -> di
 def _edit(rng: np.random.Generator, model: nn.Module) -> list[str]:
     """Edits of the baked weights that real models end up with; returns what was done."""
     edits: list[str] = []
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, USER_LAYERS)}
     names = list(layers)
     with torch.no_grad():
         for name in names:
@@ -244,7 +261,7 @@ def _edit(rng: np.random.Generator, model: nn.Module) -> list[str]:
                 w.mul_(scale)
                 edits.append(f"{name}: weights x{scale:g}")
         for name, mod in model.named_modules():
-            if isinstance(mod, nn.BatchNorm2d) and rng.random() < 0.7:
+            if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)) and rng.random() < 0.7:
                 mod.running_mean.copy_(torch.randn(mod.num_features) * 0.5)
                 mod.running_var.copy_(torch.rand(mod.num_features) * 2 + 0.05)
                 mod.weight.copy_(torch.randn(mod.num_features))
@@ -304,12 +321,12 @@ def _apply_recipe(model: nn.Module, recipe: dict[str, Any]) -> Any:
     return parsed.encode
 
 
-def _save(model: nn.Module, encode: Any) -> bytes:
+def _save(model: nn.Module, encode: Any, example: Any = None) -> bytes:
     from deepsqueeze import dsq
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "f.dsq"
-        dsq.save(model, path, encode=encode)
+        dsq.save(model, path, encode=encode, example_inputs=example)
         return path.read_bytes()
 
 
@@ -323,6 +340,8 @@ def make_file(seed: int, attempts: int = 4) -> FileCase | None:
     from deepsqueeze.methods.pruning import remove_pruning
     from deepsqueeze.methods.weight_sharing import remove_sharing
 
+    if seed % 1_000_000 >= USER_BASE:
+        return make_user_file(seed, attempts)
     rng = np.random.default_rng(seed)
     name, kwargs = _model_options(rng)
     refused = 0
@@ -393,6 +412,8 @@ def _values(rng: np.random.Generator, shape: tuple[int, ...]) -> torch.Tensor:
 
 def make_inputs(case: FileCase, rng: np.random.Generator) -> list[Input]:
     """Right and wrong inputs for ``case``'s model."""
+    if case.user:
+        return make_user_inputs(case, rng)
     c, h, w = case.input_shape
     feats = c * h * w
     small = case.model in ("resnet20", "mobilenet-tiny")
@@ -456,6 +477,282 @@ def make_inputs(case: FileCase, rng: np.random.Generator) -> list[Input]:
     return out
 
 
+# ------------------------------------------------------------------ user models (not the zoo)
+
+USER_BASE = 500_000
+"""File seeds ``s`` with ``s % 1_000_000 >= USER_BASE`` are user models (``--user-share``);
+below it, zoo models (so the zoo files of a seed are the same with or without user models)."""
+USER_FAMILIES = ("user:cnn-bn", "user:residual", "user:tabular", "user:two-input",
+                 "user:embed-conv1d")
+USER_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)
+
+
+class UserCNN(nn.Module):
+    """Conv-BatchNorm-ReLU-pool, conv, dropout, a linear head."""
+
+    def __init__(self, c: int, size: int, width: int, classes: int) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(c, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.MaxPool2d(2), nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU())
+        self.drop = nn.Dropout(0.3)
+        self.head = nn.Linear(2 * width * (size // 2) ** 2, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.drop(torch.flatten(self.features(x), 1)))
+
+
+class UserResidual(nn.Module):
+    """A stem, two residual additions (conv and BatchNorm), global average pooling, a head."""
+
+    def __init__(self, c: int, width: int, classes: int) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(c, width, 3, padding=1)
+        self.conv1 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 1)
+        self.fc = nn.Linear(width, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.stem(x))
+        x = torch.relu(x + self.bn1(self.conv1(x)))
+        x = x + torch.relu(self.conv2(x))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+class UserTabular(nn.Module):
+    """BatchNorm1d on the features, an MLP with dropout."""
+
+    def __init__(self, features: int, hidden: int, classes: int) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm1d(features)
+        self.net = nn.Sequential(nn.Linear(features, hidden), nn.ReLU(), nn.Dropout(0.2),
+                                 nn.Linear(hidden, hidden // 2), nn.ReLU(),
+                                 nn.Linear(hidden // 2, classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.norm(x))
+
+
+class UserTwoInput(nn.Module):
+    """A sequence branch (Conv1d, mean over time) and a tabular branch, concatenated."""
+
+    def __init__(self, c: int, features: int, width: int, classes: int) -> None:
+        super().__init__()
+        self.seq = nn.Conv1d(c, width, 3, padding=1)
+        self.tab = nn.Linear(features, width)
+        self.head = nn.Linear(2 * width, classes)
+
+    def forward(self, seq: torch.Tensor, tab: torch.Tensor) -> torch.Tensor:
+        a = torch.relu(self.seq(seq)).mean(dim=2)
+        b = torch.relu(self.tab(tab))
+        return self.head(torch.cat([a, b], dim=1))
+
+
+class UserEmbedConv(nn.Module):
+    """Token ids through an Embedding, a Conv1d over time, mean pooling, a head."""
+
+    def __init__(self, vocab: int, dim: int, width: int, classes: int) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.conv = nn.Conv1d(dim, width, 3)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens).transpose(1, 2)
+        return self.head(torch.relu(self.conv(x)).mean(dim=2))
+
+
+def _user_options(rng: np.random.Generator) -> tuple[str, dict[str, Any]]:
+    """A user family and small random options."""
+    family = USER_FAMILIES[int(rng.integers(len(USER_FAMILIES)))]
+    classes = int(rng.choice([1, 2, 3, 10]))
+    if family == "user:cnn-bn":
+        return family, {"c": int(rng.integers(1, 4)), "size": int(rng.choice([4, 6, 8, 12])),
+                        "width": int(rng.choice([2, 4, 8])), "classes": classes}
+    if family == "user:residual":
+        return family, {"c": int(rng.integers(1, 4)), "width": int(rng.choice([4, 8, 16])),
+                        "classes": classes}
+    if family == "user:tabular":
+        return family, {"features": int(rng.choice([1, 3, 8, 20, 64])),
+                        "hidden": int(rng.choice([4, 16, 64])), "classes": classes}
+    if family == "user:two-input":
+        return family, {"c": int(rng.integers(1, 5)), "features": int(rng.choice([1, 5, 16])),
+                        "width": int(rng.choice([2, 8, 16])), "classes": classes}
+    return family, {"vocab": int(rng.choice([5, 50, 1000])), "dim": int(rng.choice([2, 8, 16])),
+                    "width": int(rng.choice([4, 8])), "classes": classes}
+
+
+def build_user(family: str, kwargs: dict[str, Any]) -> nn.Module:
+    """A fresh instance of a user family (also the skeleton for ``load(..., model=)``)."""
+    k = kwargs
+    if family == "user:cnn-bn":
+        return UserCNN(k["c"], k["size"], k["width"], k["classes"])
+    if family == "user:residual":
+        return UserResidual(k["c"], k["width"], k["classes"])
+    if family == "user:tabular":
+        return UserTabular(k["features"], k["hidden"], k["classes"])
+    if family == "user:two-input":
+        return UserTwoInput(k["c"], k["features"], k["width"], k["classes"])
+    return UserEmbedConv(k["vocab"], k["dim"], k["width"], k["classes"])
+
+
+def user_input_specs(family: str, kwargs: dict[str, Any], rng: np.random.Generator
+                     ) -> list[tuple[tuple[int, ...], str]]:
+    """The model's inputs (shape without the batch dimension, "float" or "tokens")."""
+    k = kwargs
+    if family == "user:cnn-bn":
+        return [((k["c"], k["size"], k["size"]), "float")]
+    if family == "user:residual":
+        s = int(rng.integers(1, 9))
+        return [((k["c"], s, s + int(rng.integers(0, 3))), "float")]
+    if family == "user:tabular":
+        return [((k["features"],), "float")]
+    if family == "user:two-input":
+        return [((k["c"], int(rng.integers(1, 12))), "float"), ((k["features"],), "float")]
+    return [((int(rng.integers(3, 20)),), "tokens")]
+
+
+def make_user_file(seed: int, attempts: int = 4) -> FileCase | None:
+    """The random user-model file of ``seed``: a harness-defined model through a random recipe
+    and the edits, saved with ``example_inputs`` (so with its fx graph)."""
+    from deepsqueeze.codec.container import parse_dsq
+    from deepsqueeze.errors import DeepSqueezeError
+    from deepsqueeze.methods.pruning import remove_pruning
+    from deepsqueeze.methods.weight_sharing import remove_sharing
+
+    rng = np.random.default_rng(seed)
+    family, kwargs = _user_options(rng)
+    specs = user_input_specs(family, kwargs, rng)
+    refused = 0
+    for _ in range(attempts):
+        torch.manual_seed(seed)
+        model = build_user(family, kwargs)
+        names = [n for n, m in model.named_modules() if isinstance(m, USER_LAYERS)]
+        recipe = _random_recipe(rng, family, names)
+        recipe.pop("model")  # the recipe's model field names zoo models only
+        try:
+            encode = _apply_recipe(model, recipe)
+            break
+        except DeepSqueezeError:
+            refused += 1
+    else:
+        return None
+    remove_sharing(model)
+    remove_pruning(model)
+    edits = _edit(rng, model)
+    model.eval()
+    example = tuple(_user_batch(rng, specs, 2, kwargs))
+    data = _save(model, encode, example if len(example) > 1 else example[0])
+    encodings = {e["name"]: e["encoding"] for e in parse_dsq(data).meta["tensors"]
+                 if e["name"].endswith(".weight") and len(e["shape"]) >= 2}
+    return FileCase(seed, family, kwargs, recipe, edits, False, (), False, data, encodings,
+                    refused, user_inputs=specs)
+
+
+def _user_batch(rng: np.random.Generator, specs: list[tuple[tuple[int, ...], str]], n: int,
+                kwargs: dict[str, Any]) -> list[torch.Tensor]:
+    """One right batch of ``n`` for every input of a user model."""
+    out = []
+    for shape, kind in specs:
+        if kind == "tokens":
+            out.append(torch.from_numpy(rng.integers(0, kwargs["vocab"], (n, *shape))))
+        else:
+            out.append(_values(rng, (n, *shape)))
+    return out
+
+
+def make_user_inputs(case: FileCase, rng: np.random.Generator) -> list[Input]:
+    """Right and wrong inputs for a user model (a tuple value is called as ``model(*value)``)."""
+    specs, kw = case.user_inputs, case.kwargs
+    out: list[Input] = []
+
+    def pack(xs: list[Any]) -> Any:
+        return xs[0] if len(xs) == 1 else tuple(xs)
+
+    for n in (0, 1, 2, 7, 33, 65):
+        for _ in range(1 if n == 0 else 3):
+            out.append(Input(f"right n={n}", "right", pack(_user_batch(rng, specs, n, kw))))
+    for _ in range(2):
+        n = int(rng.choice([1, 3, 9]))
+        strided = [x[::2] for x in _user_batch(rng, specs, 2 * n, kw)]
+        out.append(Input("right batch stride 2", "right", pack(strided)))
+        out.append(Input("right expanded", "right",
+                         pack([x.expand(n, *x.shape[1:])
+                               for x in _user_batch(rng, specs, 1, kw)])))
+        wide = []
+        for (_, kind), x in zip(specs, _user_batch(rng, specs, n, kw), strict=True):
+            if kind == "float" and x.dim() >= 2:  # a last-dimension slice: not contiguous
+                x = torch.cat([x, x[..., :1]], dim=-1)[..., 1:]
+            wide.append(x)
+        out.append(Input("right sliced", "right", pack(wide)))
+    if all(kind == "float" for _, kind in specs):
+        out.append(Input("right requires_grad", "right", pack(_user_batch(rng, specs, 2, kw)),
+                         grad=True))
+    # wrong inputs, judged by the dense model
+    n = int(rng.choice([1, 2, 7]))
+    base = _user_batch(rng, specs, n, kw)
+    for i, (shape, kind) in enumerate(specs):
+        def swap(x: Any, i: int = i) -> Any:
+            xs = list(base)
+            xs[i] = x
+            return pack(xs)
+
+        tag = f"input {i}" if len(specs) > 1 else "input"
+        if kind == "float":
+            for d in (-1, 1):
+                grown = (*shape[:-1], max(1, shape[-1] + d))
+                out.append(Input(f"{tag}: last dim {d:+d}", "wrong",
+                                 swap(_values(rng, (n, *grown)))))
+            if len(shape) > 1:
+                out.append(Input(f"{tag}: channels +1", "wrong",
+                                 swap(_values(rng, (n, shape[0] + 1, *shape[1:])))))
+            out.append(Input(f"{tag}: unbatched", "wrong", swap(base[i][0])))
+            out.append(Input(f"{tag}: extra dim", "wrong", swap(base[i].unsqueeze(1))))
+            flat = base[i].reshape(n, -1) if len(shape) > 1 else base[i].reshape(-1)
+            out.append(Input(f"{tag}: flattened", "wrong", swap(flat)))
+            out.append(Input(f"{tag}: empty last dim", "wrong",
+                             swap(torch.zeros(n, *shape[:-1], 0))))
+            for dtype in (torch.float64, torch.float16, torch.bfloat16):
+                out.append(Input(f"{tag}: {dtype}", "dtype", swap(base[i].to(dtype))))
+            ints = torch.from_numpy(rng.integers(-5, 6, (n, *shape)))
+            out.append(Input(f"{tag}: int64", "dtype", swap(ints)))
+            out.append(Input(f"{tag}: bool", "dtype", swap(ints > 0)))
+            out.append(Input(f"{tag}: meta device", "wrong",
+                             swap(torch.empty(n, *shape, device="meta"))))
+            out.append(Input(f"{tag}: numpy array", "wrong", swap(base[i].numpy())))
+            bad = base[i].clone()
+            bad.view(-1)[:: max(1, bad.numel() // 3)] = float("nan")
+            out.append(Input(f"{tag}: NaN/Inf values", "nonfinite", swap(bad)))
+        else:
+            vocab = kw["vocab"]
+            out.append(Input(f"{tag}: float tokens", "wrong", swap(base[i].float())))
+            out.append(Input(f"{tag}: float64 tokens", "wrong", swap(base[i].double())))
+            for bad_id in (vocab, vocab + 1000, -1, -vocab - 1, 2**31, 2**62):
+                t = base[i].clone()
+                t.view(-1)[int(rng.integers(t.numel()))] = bad_id
+                out.append(Input(f"{tag}: token id {'vocab' if bad_id == vocab else bad_id}",
+                                 "wrong", swap(t)))
+            out.append(Input(f"{tag}: int32 tokens", "wrong", swap(base[i].int())))
+            out.append(Input(f"{tag}: uint8 tokens", "wrong", swap(base[i].to(torch.uint8))))
+            out.append(Input(f"{tag}: bool tokens", "wrong", swap(base[i] > 0)))
+            out.append(Input(f"{tag}: unbatched", "wrong", swap(base[i][0])))
+            out.append(Input(f"{tag}: 3-D tokens", "wrong", swap(base[i].unsqueeze(2))))
+            out.append(Input(f"{tag}: longer sequence", "wrong",
+                             swap(torch.from_numpy(rng.integers(0, vocab, (n, shape[0] + 9))))))
+            out.append(Input(f"{tag}: too short for the conv", "wrong",
+                             swap(torch.from_numpy(rng.integers(0, vocab, (n, 2))))))
+            out.append(Input(f"{tag}: meta device", "wrong",
+                             swap(torch.empty(n, *shape, dtype=torch.long, device="meta"))))
+            out.append(Input(f"{tag}: list", "wrong", swap(base[i].tolist())))
+    out.append(Input("one input too many", "wrong", (*base, base[-1])))
+    if len(specs) > 1:
+        out.append(Input("one input too few", "wrong", base[0]))
+        out.append(Input("inputs swapped", "wrong", (base[1], base[0])))
+    out.append(Input("no input", "wrong", ()))
+    return out
+
+
 # ------------------------------------------------------------------------------ the oracle
 
 
@@ -465,11 +762,11 @@ def abs_model(model: nn.Module) -> nn.Module:
     twin = copy.deepcopy(model)
     with torch.no_grad():
         for mod in twin.modules():
-            if isinstance(mod, (nn.Linear, nn.Conv2d)):
+            if isinstance(mod, USER_LAYERS):
                 mod.weight.abs_()
-                if mod.bias is not None:
+                if getattr(mod, "bias", None) is not None:
                     mod.bias.abs_()
-            elif isinstance(mod, nn.BatchNorm2d):
+            elif isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
                 mod.weight.abs_()
                 mod.bias.abs_()
                 mod.running_mean.copy_(-mod.running_mean.abs())
@@ -502,11 +799,22 @@ class Reference:
 
 
 def _run(model: nn.Module, x: Any, grad: bool = False) -> torch.Tensor:
-    if grad and isinstance(x, torch.Tensor):
-        x = x.detach().clone().requires_grad_(True)
-        return model(x).detach()
+    """``model(x)``, or ``model(*x)`` for a tuple (a user model's several inputs)."""
+    args = x if isinstance(x, tuple) else (x,)
+    if grad:
+        args = tuple(a.detach().clone().requires_grad_(True) if isinstance(a, torch.Tensor)
+                     else a for a in args)
+        return model(*args).detach()
     with torch.no_grad():
-        return model(x)
+        return model(*args)
+
+
+def _cpu_tensors(x: Any) -> list[torch.Tensor] | None:
+    """The CPU tensors of an input (a tensor or a tuple of them), None if any is not one."""
+    xs = x if isinstance(x, tuple) else (x,)
+    if all(isinstance(a, torch.Tensor) and a.device.type == "cpu" for a in xs):
+        return list(xs)
+    return None
 
 
 def reference(dense: nn.Module, absolute: nn.Module, inp: Input) -> Reference:
@@ -516,14 +824,17 @@ def reference(dense: nn.Module, absolute: nn.Module, inp: Input) -> Reference:
     except Exception as exc:
         ref = Reference(None, type(exc).__name__, None)
         if inp.kind == "dtype":
-            xf = x.float()
             with contextlib.suppress(Exception):
+                xf = tuple(a.float() for a in x) if isinstance(x, tuple) else x.float()
                 ref.coerced = _run(dense, xf)
-                ref.coerced_bound = _run(absolute, xf.abs())
+                ref.coerced_bound = _run(absolute, tuple(a.abs() for a in xf)
+                                         if isinstance(xf, tuple) else xf.abs())
         return ref
     bound = None
-    if isinstance(x, torch.Tensor) and x.device.type == "cpu" and out.device.type == "cpu":
-        bound = _run(absolute, x.abs().to(out.dtype))
+    xs = _cpu_tensors(x)
+    if xs is not None and isinstance(out, torch.Tensor) and out.device.type == "cpu":
+        mags = [a.abs() if not torch.is_floating_point(a) else a.abs().to(out.dtype) for a in xs]
+        bound = _run(absolute, mags[0] if not isinstance(x, tuple) else tuple(mags))
     return Reference(out, None, bound)
 
 
@@ -574,7 +885,8 @@ def judge(model: nn.Module, inp: Input, ref: Reference) -> tuple[str, str | None
 def _judge(model: nn.Module, inp: Input, ref: Reference, printed: io.StringIO
            ) -> tuple[str, str | None]:
     x = inp.value
-    before = x.detach().clone() if isinstance(x, torch.Tensor) and x.device.type == "cpu" else None
+    xs = _cpu_tensors(x)
+    before = [a.detach().clone() for a in xs] if xs is not None else None
     try:
         with contextlib.redirect_stderr(printed):
             got = _run(model, x, inp.grad)
@@ -587,8 +899,9 @@ def _judge(model: nn.Module, inp: Input, ref: Reference, printed: io.StringIO
         if inp.kind == "right":
             return f"error on right input: {name}", f"raised on a right input: {detail}"
         return f"clean {name}", None
-    if before is not None and not torch.equal(torch.nan_to_num(before),
-                                              torch.nan_to_num(x.detach())):
+    if before is not None and xs is not None and not all(
+            torch.equal(torch.nan_to_num(b), torch.nan_to_num(a.detach()))
+            for b, a in zip(before, xs, strict=True)):
         return "input modified", "the runtime changed its input tensor"
     if inp.kind == "nonfinite":
         if ref.out is not None and isinstance(got, torch.Tensor) and got.shape == ref.out.shape:
@@ -764,6 +1077,9 @@ class Tally:
     corrupt_cache_warned: int = 0
     seconds_by_model: Counter = field(default_factory=Counter)
     executions_by_model: Counter = field(default_factory=Counter)
+    user_outcomes: Counter = field(default_factory=Counter)
+    user_inputs: Counter = field(default_factory=Counter)
+    user_failures: int = 0
 
     signatures: Counter = field(default_factory=Counter)
     first_of: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -807,6 +1123,8 @@ def _layer_impls(model: nn.Module) -> dict[str, list[str]]:
 
 def _family(variant: dict[str, Any]) -> str:
     """The executors a variant runs, in a word (for failure signatures)."""
+    if "skeleton" in variant:
+        return f"skeleton {variant['skeleton']}"
     if "impls" in variant:
         kinds = sorted(set(variant["impls"].values()))
         forced = kinds[0] if len(kinds) == 1 else "mix"
@@ -887,11 +1205,16 @@ def _run_case(case: FileCase, tally: Tally, verbose: bool, progress: bool,
         record("load failed", -1, None, f"{type(exc).__name__}: {str(exc)[:200]}", {})
         return
     variants = make_variants(layer_impls, rng)
+    if case.user:
+        # the skeleton loads (model=a fresh instance of the class) must equal the class-free one
+        variants.append({"skeleton": "dense"})
+        variants.append({"skeleton": "runtime", "autotune": False, "fuse": bool(rng.random() < 0.5),
+                         "memory_budget": BUDGETS[int(rng.integers(len(BUDGETS)))]})
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(tmp) / "autotune.json"
         os.environ["DEEPSQUEEZE_AUTOTUNE_CACHE"] = str(cache)
         for vi, variant in enumerate(variants):
-            opts = {k: v for k, v in variant.items() if k != "cache_corruption"}
+            opts = {k: v for k, v in variant.items() if k not in ("cache_corruption", "skeleton")}
             if only_variant is not None and vi != only_variant:
                 if vi < only_variant and opts.get("autotune"):
                     with warnings.catch_warnings():  # replay: fill the cache as the run did
@@ -907,7 +1230,13 @@ def _run_case(case: FileCase, tally: Tally, verbose: bool, progress: bool,
             try:
                 with warnings.catch_warnings(record=True) as caught, _deadline(LOAD_DEADLINE_S):
                     warnings.simplefilter("always")
-                    model = dsq.load(case.data, mode="runtime", **opts)
+                    if variant.get("skeleton") == "dense":
+                        model = dsq.load(case.data, model=build_user(case.model, case.kwargs))
+                    elif variant.get("skeleton") == "runtime":
+                        model = dsq.load(case.data, mode="runtime",
+                                         model=build_user(case.model, case.kwargs), **opts)
+                    else:
+                        model = dsq.load(case.data, mode="runtime", **opts)
             except _Hang:
                 record("hang", vi, None, f"load did not finish in {LOAD_DEADLINE_S} s", variant)
                 continue
@@ -925,12 +1254,17 @@ def _run_case(case: FileCase, tally: Tally, verbose: bool, progress: bool,
             tally.variants += 1
             from deepsqueeze.runtime import runtime_info
 
-            info = runtime_info(model)
-            used = {c.impl for c in info.layers}
-            if any(f["kept"] for f in info.fused):
-                used.add("fused chain")
-            if not info.layers:
-                used.add("(no compressed layer)")
+            if variant.get("skeleton") == "dense":
+                used = {"skeleton dense load"}
+            else:
+                info = runtime_info(model)
+                used = {c.impl for c in info.layers}
+                if any(f["kept"] for f in info.fused):
+                    used.add("fused chain")
+                if not info.layers:
+                    used.add("(no compressed layer)")
+                if variant.get("skeleton"):
+                    used.add("skeleton runtime load")
             for ii, (inp, ref) in enumerate(zip(inputs, refs, strict=True)):
                 if only_input is not None and ii != only_input:
                     continue
@@ -950,6 +1284,10 @@ def _run_case(case: FileCase, tally: Tally, verbose: bool, progress: bool,
                     tally.printed_by[f"{inp.label} | {_family(variant)}"] += 1
                 tally.by_kind[inp.kind] += 1
                 tally.outcomes[outcome] += 1
+                if case.user:
+                    tally.user_outcomes[outcome] += 1
+                    tally.user_inputs[inp.kind] += 1
+                    tally.user_failures += problem is not None
                 tally.impls.update(used)
                 if problem is not None:
                     record(outcome, vi, ii, problem, variant)
@@ -995,11 +1333,18 @@ def _env(sanitize: bool) -> dict[str, str]:
     return env
 
 
-def _file_seeds(seed: int) -> Iterator[int]:
-    i = 0
+def _file_seeds(seed: int, user_share: float = 0.0) -> Iterator[int]:
+    """File seeds of run ``seed``: zoo files ``seed * 10**6 + i``, and with ``user_share`` > 0
+    that share of user-model files ``seed * 10**6 + USER_BASE + j`` interleaved."""
+    i = j = 0
+    pick = np.random.default_rng(seed + 99)
     while True:
-        yield seed * 1_000_000 + i
-        i += 1
+        if user_share > 0 and pick.random() < user_share:
+            yield seed * 1_000_000 + USER_BASE + j
+            j += 1
+        else:
+            yield seed * 1_000_000 + i
+            i += 1
 
 
 def _replay(seed: int, variant: int | None, inp: int | None) -> str:
@@ -1063,18 +1408,21 @@ def _source_version() -> str | None:
 
 
 def fuzz(executions: int, seed: int, sanitize: bool, files_per_worker: int = FILES_PER_WORKER,
-         log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run files until ``executions`` executions are done; return the results dict."""
+         log: Callable[[str], None] = print, user_share: float = 0.0,
+         max_seconds: float | None = None) -> dict[str, Any]:
+    """Run files until ``executions`` executions are done (or no new batch of files is started
+    after ``max_seconds``); return the results dict."""
     env = _env(sanitize)
     version = _source_version()
     tally = Tally()
     crashes: list[dict[str, Any]] = []
     reports = Counter()
     heads: list[dict[str, Any]] = []
-    seeds = _file_seeds(seed)
+    seeds = _file_seeds(seed, user_share)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        while tally.executions < executions:
+        while tally.executions < executions and (
+                max_seconds is None or time.perf_counter() - t0 < max_seconds):
             per_file = tally.executions / tally.files if tally.files else 500.0
             wanted = math.ceil((executions - tally.executions) / max(per_file, 1.0))
             batch = [next(seeds) for _ in range(max(1, min(files_per_worker, wanted)))]
@@ -1114,7 +1462,10 @@ def fuzz(executions: int, seed: int, sanitize: bool, files_per_worker: int = FIL
             log(f"{tally.executions:,} executions, {tally.files} files, "
                 f"{tally.failure_count} failures, {time.perf_counter() - t0:.0f} s")
     wall = time.perf_counter() - t0
-    results = _results(tally, crashes, reports, heads, wall, seed, sanitize, executions)
+    results = _results(tally, crashes, reports, heads, wall, seed, sanitize, executions,
+                       user_share)
+    if max_seconds is not None:
+        results["command"] += f" --max-seconds {max_seconds:g}"
     results["source"] = version
     return results
 
@@ -1126,12 +1477,14 @@ def _chain(first: list[int], rest: Iterator[int]) -> Iterator[int]:
 
 def _results(tally: Tally, crashes: list[dict[str, Any]], reports: Counter,
              heads: list[dict[str, Any]], wall: float, seed: int, sanitize: bool,
-             asked: int) -> dict[str, Any]:
+             asked: int, user_share: float = 0.0) -> dict[str, Any]:
     d = tally.to_dict()
+    user = {k: v for k, v in d["executions_by_model"].items() if k.startswith("user:")}
     clean = {k[len("clean "):]: v for k, v in d["outcomes"].items() if k.startswith("clean ")}
     return {
         "harness": "benchmarks/fuzz_runtime.py",
         "command": f"python benchmarks/fuzz_runtime.py --executions {asked} --seed {seed}"
+                   + (f" --user-share {user_share:g}" if user_share else "")
                    + (" --sanitize" if sanitize else "")
                    + (f" --exclude '{','.join(sorted(EXCLUDED))}'" if EXCLUDED else ""),
         "seed": seed,
@@ -1140,6 +1493,12 @@ def _results(tally: Tally, crashes: list[dict[str, Any]], reports: Counter,
         "kernel_sanitized": bool(heads) and all(h["kernel_sanitized"] for h in heads),
         "kernel_available": bool(heads) and all(h["kernel"] for h in heads),
         "executions": d["executions"],
+        "user_share": user_share,
+        "user_model_executions": sum(user.values()),
+        "user_model_files": sum(v for k, v in d["models"].items() if k.startswith("user:")),
+        "user_model_inputs": d["user_inputs"],
+        "user_model_outcomes": d["user_outcomes"],
+        "user_model_failures": d["user_failures"],
         "files": d["files"],
         "files_given_up": d["files_refused"],
         "random_recipes_refused": d["recipes_refused"],
@@ -1196,6 +1555,10 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--executions", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--user-share", type=float, default=0.0,
+                    help="share of files that are user models (harness-defined nn.Modules "
+                    "saved with example_inputs, loaded class-free), 0-1")
+    ap.add_argument("--max-seconds", type=float, help="start no new batch of files after this")
     ap.add_argument("--sanitize", action="store_true",
                     help="kernel built with -fsanitize=address,undefined, runtimes preloaded")
     ap.add_argument("--json", type=Path, default=DEFAULT_JSON, help="results file")
@@ -1224,11 +1587,13 @@ def main(argv: list[str] | None = None) -> int:
                               "edits": case.edits, "encodings": case.encodings}))
         print(json.dumps({k: v for k, v in tally.to_dict().items() if k != "failures"}))
         return 1 if tally.failure_count else 0
-    results = fuzz(args.executions, args.seed, args.sanitize, args.files_per_worker)
+    results = fuzz(args.executions, args.seed, args.sanitize, args.files_per_worker,
+                   user_share=args.user_share, max_seconds=args.max_seconds)
     if not args.no_json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(relative_paths(results), indent=1) + "\n")
-    summary = {k: results[k] for k in ("executions", "files", "variants_loaded", "failures",
+    summary = {k: results[k] for k in ("executions", "user_model_executions", "files",
+                                       "variants_loaded", "failures",
                                        "crashes", "sanitizer_reports", "wall_s")}
     print(json.dumps(summary))
     return 1 if results["failures"] or results["crashes"] else 0
