@@ -58,21 +58,12 @@ def test_short_run_is_clean() -> None:
         assert {"kernel", "kernel-f32", "fused chain"} <= executors
 
 
-KNOWN_USER_BUG = "one input too many"
-"""The fused runtime of a class-free user model ignores extra inputs (see the xfail below); left
-out of the clean-run test until fixed."""
-
-
 def test_short_user_model_run_is_clean() -> None:
     """User models (harness-defined nn.Modules saved with example_inputs, loaded class-free):
     one two-input file through every runtime variant and the skeleton loads, clean."""
     fr = _harness()
-    fr.EXCLUDED.add(KNOWN_USER_BUG)
-    try:
-        results = fr.fuzz(300, 3, sanitize=False, files_per_worker=1, log=lambda _: None,
-                          user_share=1.0)
-    finally:
-        fr.EXCLUDED.discard(KNOWN_USER_BUG)
+    results = fr.fuzz(300, 3, sanitize=False, files_per_worker=1, log=lambda _: None,
+                      user_share=1.0)
     assert results["crashes"] == 0, results["failure_examples"]
     assert results["failures"] == 0, results["failure_examples"]
     assert results["models"] == {"user:two-input": 1}
@@ -83,11 +74,11 @@ def test_short_user_model_run_is_clean() -> None:
     assert {"skeleton dense load", "skeleton runtime load", "dense"} <= executors
 
 
-@pytest.mark.xfail(strict=True, reason="bug: the fused runtime of a class-free user model "
-                   "accepts extra inputs (fx traces GraphModel's input-count check away)")
 def test_fused_class_free_runtime_refuses_extra_inputs(tmp_path: Path) -> None:
     """Found by the user-model fuzz run: ``--replay 500007 --input 37`` (every fuse=True
-    variant). The dense load and the unfused runtime raise TypeError; the fused one must too."""
+    variant): fx tracing kept GraphModel's optional inputs as placeholders, so the fused model
+    ignored an extra input. The dense load and the unfused runtime raise TypeError; so does the
+    fused one now (runtime.fuse.raise_plainly)."""
     from deepsqueeze import dsq
 
     fr = _harness()

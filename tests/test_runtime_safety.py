@@ -993,3 +993,37 @@ def test_fused_model_raises_without_printing(tmp_path, capfd):
     assert "Traceback" not in err and "FX-traced" not in err, err
     x = torch.randn(3, 1, 28, 28)
     assert torch.allclose(fused(x), dense(x), atol=1e-5)
+
+
+def test_floating_inputs_run_in_fp32_from_the_first_layer(tmp_path):
+    """A bfloat16 input ran a BatchNorm1d before the first compressed Linear in bfloat16, then
+    was cast to fp32 there: an answer neither dense nor dense-on-x.float() gives (found by
+    benchmarks/fuzz_runtime.py on a user tabular model). The runtime converts on entry now."""
+
+    class Tabular(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm = nn.BatchNorm1d(20)
+            self.fc1 = nn.Linear(20, 64)
+            self.fc2 = nn.Linear(64, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc2(F.relu(self.fc1(self.norm(x))))
+
+    torch.manual_seed(0)
+    net = Tabular().eval()
+    net.norm.running_mean.uniform_(-2, 2)
+    net.norm.running_var.uniform_(0.1, 3)
+    net = _apply(net, "prune", layers=["fc1", "fc2"], sparsity=0.8)
+    x = torch.randn(5, 20) * 3
+    path = tmp_path / "tab.dsq"
+    save(net, path, example_inputs=x)
+    want = load(path)(x)
+    for fuse in (False, True):
+        rt = load(path, mode="runtime", autotune=False, fuse=fuse)
+        for dtype in (torch.bfloat16, torch.float16, torch.float64):
+            got = rt(x.to(dtype))
+            ref = load(path)(x.to(dtype).float())
+            assert got.dtype == torch.float32
+            torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(rt(x), want, rtol=1e-4, atol=1e-5)

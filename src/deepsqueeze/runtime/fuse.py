@@ -263,4 +263,19 @@ def raise_plainly(gm: fx.GraphModule) -> fx.GraphModule:
     (until it is recompiled).
     """
     type(gm).__call__ = nn.Module.__call__  # type: ignore[method-assign]
+    used = [n for n in gm.graph.nodes if n.op == "placeholder" and n.users]
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(used) < len(placeholders):
+        # A traced forward with optional inputs (a class-free user model takes up to 16) keeps
+        # them all as placeholders: an input beyond those the model uses would be ignored,
+        # where the model before tracing refuses it.
+        gm.register_forward_pre_hook(_refuse_extra_inputs(len(used), len(placeholders)))
     return gm
+
+
+def _refuse_extra_inputs(n_used: int, n_placeholders: int) -> Callable[..., None]:
+    def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+        if any(a is not None for a in args[n_used:n_placeholders]):
+            raise TypeError(f"this model takes {n_used} input(s), got {len(args)}")
+
+    return hook

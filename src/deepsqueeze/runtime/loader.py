@@ -286,7 +286,19 @@ def load_runtime(
         fused=fused,
     )
     setattr(model, INFO_ATTR, info)
+    model.register_forward_pre_hook(_floating_inputs_as_fp32)
     return model
+
+
+def _floating_inputs_as_fp32(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The runtime computes in fp32: floating inputs of other dtypes are converted on entry, so
+    layers before the first compressed one (a BatchNorm, say) do not run in bfloat16 while the
+    rest runs in fp32 (the answer is the dense model's on ``x.float()``)."""
+    return tuple(
+        a.float() if isinstance(a, torch.Tensor) and a.is_floating_point()
+        and a.dtype != torch.float32 else a
+        for a in args
+    )
 
 
 def runtime_info(model: nn.Module) -> RuntimeInfo:
