@@ -23,6 +23,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -56,6 +57,18 @@ def dsq_file(model: str, given: Path | None) -> Path:
         deepsqueeze.compress(ensure_baseline(model, "mnist"), ROOT / MODELS[model],
                              out=path, progress=False)
     return path
+
+
+def _repo_relative(value: Any) -> Any:
+    """``value`` with paths inside the repository written relative to it (committed results
+    hold no absolute paths of the machine that produced them)."""
+    if isinstance(value, dict):
+        return {k: _repo_relative(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_repo_relative(v) for v in value]
+    if isinstance(value, str) and value.startswith(f"{ROOT}/"):
+        return value[len(str(ROOT)) + 1:]
+    return value
 
 
 def accuracies(path: Path, batch: int) -> dict[str, float]:
@@ -105,7 +118,7 @@ def main() -> None:
                               "onnxruntime": report.onnxruntime_version,
                               "python": report.python}
     with atomic_write(args.out, "w") as handle:
-        json.dump(results, handle, indent=2)
+        json.dump(_repo_relative(results), handle, indent=2)
 
     print(f"\nthreads: {results['machine']['threads']}, cpu: {results['machine']['cpu']}")
     print("| model | batch | dense ms (p95) | runtime ms (p95) | onnxruntime ms (p95) "

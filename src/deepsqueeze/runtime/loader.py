@@ -281,7 +281,7 @@ def load_runtime(
         held_bytes=held_bytes(model),
         budget_bytes=budget,
         threads=torch.get_num_threads(),
-        kernel=str(kernel.path) if kernel is not None else None,
+        kernel=kernel.path.name if kernel is not None else None,  # no machine paths
         layers=layers,
         fused=fused,
     )
