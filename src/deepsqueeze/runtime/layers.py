@@ -39,6 +39,7 @@ from __future__ import annotations
 import ctypes
 import math
 import warnings
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -432,7 +433,7 @@ class ConvGeometry:
         return one(h, 0), one(w, 1)
 
 
-class _ConvBase(RuntimeLayer):
+class _ConvBase(RuntimeLayer, ABC):
     """Input checks shared by the Conv2d executors; subclasses implement :meth:`run`."""
 
     def __init__(self, geometry: ConvGeometry, bias: torch.Tensor | None) -> None:
@@ -465,9 +466,9 @@ class _ConvBase(RuntimeLayer):
             y = self.run(batched, oh, ow)
         return y if len(shape) == 4 else y.squeeze(0)
 
+    @abstractmethod
     def run(self, x: torch.Tensor, oh: int, ow: int) -> torch.Tensor:
         """The convolution of a checked, non-empty ``[N, C, H, W]`` float32 ``x``."""
-        raise NotImplementedError
 
     def _unfold(self, x: torch.Tensor) -> torch.Tensor:
         g = self.geometry

@@ -192,6 +192,18 @@ def _lr_lambda(schedule: str, total_steps: int) -> Callable[[int], float]:
     return lambda step: 1.0
 
 
+def _optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, scaler: Any, sched: Any,
+                    step_hooks: Sequence[StepHook], step: int, model: nn.Module) -> None:
+    """Backward through the (scaled) loss, one optimizer and schedule step, then the hooks."""
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    sched.step()
+    for hook in step_hooks:
+        hook(step, model)
+
+
 def _checkpoint_state(model, opt, sched, scaler, epoch, cfg, history) -> dict[str, Any]:
     try:
         spec = models.spec_of(model).to_dict()
@@ -414,13 +426,7 @@ def _fit_images(
                             f"loss became {loss.item()} at epoch {epoch + 1} step {i + 1}{where}; "
                             "lower the learning rate (--lr) or use --precision fp32"
                         )
-                    opt.zero_grad(set_to_none=True)
-                    scaler.scale(loss).backward()
-                    scaler.step(opt)
-                    scaler.update()
-                    sched.step()
-                    for hook in step_hooks:
-                        hook(step, model)
+                    _optimizer_step(loss, opt, scaler, sched, step_hooks, step, model)
                     step += 1
                     hits = (logits.detach().argmax(1) == y).double()
                     if shard is None:
@@ -647,13 +653,7 @@ def _fit_batches(
                         f"loss became {loss.item()} at epoch {epoch + 1} step {i + 1}; lower the "
                         "learning rate (lr) or use precision fp32"
                     )
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-                sched.step()
-                for hook in step_hooks:
-                    hook(step, model)
+                _optimizer_step(loss, opt, scaler, sched, step_hooks, step, model)
                 step += 1
                 n = batch_len(xs)
                 loss_sum += float(loss.detach()) * n
