@@ -9,6 +9,8 @@ import pytest
 import torch
 from hypothesis import settings
 
+from deepsqueeze.cli import main
+
 # One thread per test process: the CI machine has 2 cores, and oversubscribed BLAS threads make
 # small-model tests many times slower.
 torch.set_num_threads(1)
@@ -33,3 +35,13 @@ def have_mnist() -> bool:
 needs_mnist = pytest.mark.skipif(
     not have_mnist(), reason="MNIST not found: set DEEPSQUEEZE_DATA to a folder holding mnist/"
 )
+
+
+def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """Run the command line in this process: (exit status, stdout, stderr)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    code = stop.value.code
+    return (code if isinstance(code, int) else (0 if code is None else 1)), out, err

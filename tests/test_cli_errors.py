@@ -31,19 +31,9 @@ from deepsqueeze.errors import OptionError, OutputPathError, RecipeError
 from deepsqueeze.io import atomic_write, save_model
 from deepsqueeze.methods.base import create_method, select_layers
 
-from .conftest import needs_mnist
+from .conftest import needs_mnist, run_cli
 
 # ---------------------------------------------------------------------------------- helpers
-
-
-def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    """Run the command line in this process: (exit status, stdout, stderr)."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as stop:
-        main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    code = stop.value.code
-    return (code if isinstance(code, int) else (0 if code is None else 1)), out, err
 
 
 def assert_one_error(code: int, err: str, needle: str | None = None, status: int = 2) -> str:

@@ -20,7 +20,6 @@ import numpy as np
 import pytest
 import torch
 
-from deepsqueeze.cli import main
 from deepsqueeze.data.user import (
     MAX_IMAGE_PIXELS,
     UserDataset,
@@ -32,19 +31,11 @@ from deepsqueeze.data.user import (
 from deepsqueeze.errors import DataError, ModelError
 from deepsqueeze.usercode import build_model, load_object, parse_model_args, registered_models
 
+from .conftest import run_cli
+
 REPO = Path(__file__).resolve().parents[1]
 
 # --------------------------------------------------------------------------------- helpers
-
-
-def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    """Run the command line in this process: (exit status, stdout, stderr)."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as stop:
-        main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    code = stop.value.code
-    return (code if isinstance(code, int) else (0 if code is None else 1)), out, err
 
 
 def assert_one_error(code: int, err: str, needle: str) -> str:
