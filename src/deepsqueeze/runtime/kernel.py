@@ -52,6 +52,7 @@ import threading
 import warnings
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -153,8 +154,20 @@ def kernel_dir() -> Path:
 
 
 def kernel_source() -> bytes:
-    """The kernel's C source, read from the package (``runtime/csrc/dsqkernel.c``)."""
+    """The core kernel's C source, read from the package (``runtime/csrc/dsqkernel.c``)."""
     return resources.files("deepsqueeze.runtime").joinpath(*_SOURCE).read_bytes()
+
+
+def kernel_sources() -> dict[str, bytes]:
+    """Every C source of the library (``runtime/csrc/*.c``), the core first, then by name.
+
+    Each method family keeps its kernels in a file of its own (``binary.c``, ``conv.c``, ...);
+    all are compiled and linked into the one library, verified and loaded together.
+    """
+    folder = resources.files("deepsqueeze.runtime").joinpath(_SOURCE[0])
+    names = sorted(e.name for e in folder.iterdir() if e.name.endswith(".c"))
+    names.sort(key=lambda n: n != _SOURCE[1])
+    return {n: folder.joinpath(n).read_bytes() for n in names}
 
 
 def _warn_once(key: str, message: str) -> None:
@@ -213,6 +226,16 @@ class Kernel:
         """``conv_direct(struct, geometry[13], 13, x, x_floats, y, y_floats, n)``."""
         self.densify = lib.dsq_densify
         """``densify(struct, out, out_floats)``: write the dense matrix into zeroed ``out``."""
+
+    def function(self, name: str, argtypes: list[Any]) -> Any:
+        """Entry point ``name`` of a family's C file (``csrc/<family>.c``), typed: arguments
+        ``argtypes``, an ``int`` return code (``DSQ_OK`` or a ``DSQ_E*`` code, see
+        :func:`check_rc`). Raises :class:`KernelUnavailable` when the library lacks it."""
+        fn = getattr(self.lib, name, None)
+        if fn is None:
+            raise KernelUnavailable(f"{self.path.name} lacks the entry point {name!r}")
+        fn.argtypes, fn.restype = argtypes, ctypes.c_int
+        return fn
 
 
 # ------------------------------------------------------------------------------ sanitizers
@@ -417,10 +440,11 @@ def _store(dfd: int, name: str, data: bytes, where: Path) -> bool:
 # ------------------------------------------------------------------------ build and load
 
 
-def _tag(source: bytes, flag_sets: tuple[tuple[str, ...], ...]) -> str:
+def _tag(sources: dict[str, bytes], flag_sets: tuple[tuple[str, ...], ...]) -> str:
     from deepsqueeze.runtime.autotune import cpu_model
 
-    raw = source + f"|{cpu_model()}|{flag_sets}|{ABI_VERSION}".encode()
+    raw = b"".join(n.encode() + b"\0" + src + b"\0" for n, src in sources.items())
+    raw += f"|{cpu_model()}|{flag_sets}|{ABI_VERSION}".encode()
     return hashlib.sha256(raw).hexdigest()[:16]
 
 
@@ -428,27 +452,32 @@ def library_name(*, sanitize: bool = False) -> str:
     """File name of the cached library: source, CPU, flags and ABI hashed into it (the
     sanitizer build has its own name, so the two never mix)."""
     flag_sets = _SANITIZE_FLAGS if sanitize else _FLAG_SETS
-    return f"dsqkernel-{'asan-' if sanitize else ''}{_tag(kernel_source(), flag_sets)}.so"
+    return f"dsqkernel-{'asan-' if sanitize else ''}{_tag(kernel_sources(), flag_sets)}.so"
 
 
 def _rmtree_at_exit(path: str) -> None:
     atexit.register(shutil.rmtree, path, True)
 
 
-def _compile(source: bytes, flag_sets: tuple[tuple[str, ...], ...]) -> bytes:
-    """Compile ``source`` in a private temp folder (removed after); the library's bytes."""
+def _compile(sources: bytes | dict[str, bytes], flag_sets: tuple[tuple[str, ...], ...]) -> bytes:
+    """Compile ``sources`` (file name → C source; bytes: one file) into one library in a private
+    temp folder (removed after); the library's bytes."""
+    if isinstance(sources, bytes):
+        sources = {_SOURCE[1]: sources}
     cc = _compiler()
     if not cc:
         raise NoCompilerError("no C compiler (cc, gcc, clang or $CC) found")
     tmp = tempfile.mkdtemp(prefix="dsqkernel-build-")  # 0700, ours
     try:
-        src = Path(tmp) / "dsqkernel.c"
-        src.write_bytes(source)
+        files = []
+        for file_name, source in sources.items():
+            files.append(str(Path(tmp) / Path(file_name).name))
+            Path(files[-1]).write_bytes(source)
         out = Path(tmp) / "dsqkernel.so"
         errors = []
         for flags in flag_sets:
             try:
-                proc = subprocess.run([cc, *flags, "-o", str(out), str(src)],
+                proc = subprocess.run([cc, *flags, "-o", str(out), *files],
                                       capture_output=True, timeout=300)
             except (OSError, subprocess.SubprocessError) as exc:
                 raise KernelUnavailable(f"running the C compiler {cc} failed: {exc}") from exc
@@ -545,7 +574,7 @@ def load_kernel(cache: Path | None, *, sanitize: bool = False) -> Kernel:
             "run it with deepsqueeze.runtime.kernel.sanitizer_env() (LD_PRELOAD of libasan and "
             "libubsan, ASAN_OPTIONS=detect_leaks=0); the kernel is not used"
         )
-    source = kernel_source()
+    sources = kernel_sources()
     flag_sets = _SANITIZE_FLAGS if sanitize else _FLAG_SETS
     name = library_name(sanitize=sanitize)
     dfd = _open_private_dir(cache) if cache is not None else None
@@ -559,7 +588,7 @@ def load_kernel(cache: Path | None, *, sanitize: bool = False) -> Kernel:
             except (_Untrusted, KernelUnavailable) as exc:
                 _warn_once(f"entry:{cache / name}", f"cached C kernel {cache / name} {exc}: "
                            "not used; rebuilding it")
-        data = _compile(source, flag_sets)
+        data = _compile(sources, flag_sets)
         if dfd is not None and cache is not None and _store(dfd, name, data, cache):
             path = cache / name
         else:  # not cached: a private copy, so that Kernel.path is still the library's file
