@@ -25,6 +25,7 @@ from typing import Any, Literal
 import torch
 from rich.table import Table
 from torch import nn
+from torch.nn.utils import parametrize
 
 from deepsqueeze import models
 from deepsqueeze.codec.container import DsqFile, read_dsq, write_dsq
@@ -33,7 +34,14 @@ from deepsqueeze.codec.tensor import ENCODINGS, decode_tensor, encode_tensor
 from deepsqueeze.errors import DeepSqueezeError, DsqFormatError, ModelError
 from deepsqueeze.io import load_model, model_for_shapes
 from deepsqueeze.metrics.size import FP32_BYTES, parameter_count
-from deepsqueeze.models.graph import USER_ATTR, UserModel, describe, rebuild
+from deepsqueeze.models.graph import (
+    USER_ATTR,
+    UserModel,
+    apply_kinds,
+    describe,
+    kind_specs,
+    rebuild,
+)
 from deepsqueeze.models.registry import SPEC_ATTR
 from deepsqueeze.models.state import fit_skeleton, meta_copy, plain_state
 
@@ -196,6 +204,7 @@ def save(
             f"save: dense_parameters must be a non-negative integer, got {dense_parameters!r:.40}"
         )
     state, param_names = plain_state(model)
+    kinds = kind_specs(model)
     bad = [
         k for k, v in state.items() if torch.is_floating_point(v) and not torch.isfinite(v).all()
     ]
@@ -229,6 +238,7 @@ def save(
         "dense_parameters": dense_parameters,
         "parameters": param_names,
         "tensors": entries,
+        **({"modules": kinds} if kinds else {}),
         **(extra_meta or {}),
     }
     write_dsq(path, meta, sections)
@@ -309,6 +319,10 @@ class StoredModel:
     """Tensor name → manifest entry (checked: name, shape, encoding)."""
     spec: models.ModelSpec | None
     user: UserModel | None
+    kinds: dict[str, Any] = field(default_factory=dict)
+    """Module name → ``{"type", "config"}``: the compressed layer kinds (low-rank, hashed,
+    binary, quantized...) put in place of the model's modules of those names
+    (:func:`~deepsqueeze.models.graph.apply_kinds`; checked when applied)."""
 
     @property
     def sections(self) -> dict[str, bytes]:
@@ -349,10 +363,16 @@ class StoredModel:
         stored without a graph is a :class:`ModelError` saying how to load it.
         """
         if model is not None:  # the user's own code: checked by names and shapes only
-            return fit_skeleton(meta_copy(model), self.shapes, self.source)
+            skeleton = meta_copy(model)
+            if any(parametrize.is_parametrized(m) for m in skeleton.modules()):
+                return fit_skeleton(skeleton, self.shapes, self.source)  # its error message
+            return fit_skeleton(apply_kinds(skeleton, self.kinds, self.source), self.shapes,
+                                self.source)
         if self.spec is not None:
             try:
-                return model_for_shapes(self.spec, self.shapes)
+                return model_for_shapes(
+                    self.spec, self.shapes,
+                    kinds=lambda m: apply_kinds(m, self.kinds, self.source))
             except ModelError as exc:
                 raise DsqFormatError(f"{self.source}: {exc}") from exc
         user = self.user
@@ -426,7 +446,10 @@ def read_model_file(source: Source) -> StoredModel:
             spec = models.ModelSpec.from_dict(desc)
         except DeepSqueezeError as exc:
             raise DsqFormatError(f"{where}: bad model spec in manifest: {exc}") from exc
-    return StoredModel(where, dsq, {e["name"]: e for e in entries}, spec, user)
+    kinds = dsq.meta.get("modules", {})
+    if not isinstance(kinds, dict) or not all(isinstance(k, str) for k in kinds):
+        raise DsqFormatError(f"{where}: manifest 'modules' must be an object of layer kinds")
+    return StoredModel(where, dsq, {e["name"]: e for e in entries}, spec, user, kinds)
 
 
 def load(
@@ -440,11 +463,12 @@ def load(
     stored weights. Any defect of the file raises :class:`DsqFormatError`.
 
     ``model``: an instance of the saved architecture to fill (a user's own model; optional when
-    the file holds a zoo spec or a graph). Names must match exactly and shapes too, except
-    that layers stored smaller (channel pruning) are resized; a mismatch raises
-    :class:`ModelError` listing the missing, unexpected and mis-shaped tensors. The dense load
-    fills ``model`` in place and returns it. Without ``model`` a user model is rebuilt from
-    its graph; a file without a graph needs ``model``.
+    the file holds a zoo spec or a graph). Its layers that the file stores as compressed layer
+    kinds (low-rank, hashed, binary, quantized...) are replaced by those. Names must match
+    exactly and shapes too, except that layers stored smaller (channel pruning) are resized; a
+    mismatch raises :class:`ModelError` listing the missing, unexpected and mis-shaped tensors.
+    The dense load fills ``model`` in place and returns it. Without ``model`` a user model is
+    rebuilt from its graph; a file without a graph needs ``model``.
 
     ``mode="dense"`` (the default) decodes every tensor to a plain dense model: bit-exact, what
     accuracy evaluation and round trips use. ``mode="runtime"`` returns the inference model that
@@ -467,6 +491,9 @@ def load(
         model = skeleton.to_empty(device="cpu")  # real memory: exactly the stored shapes
     else:
         state = {name: stored.decode(name) for name in stored.entries}  # the file first
+        if stored.kinds:
+            stored.skeleton(model)  # checked on a meta copy before the model is changed
+            apply_kinds(model, stored.kinds, stored.source)
         fit_skeleton(model, stored.shapes, stored.source)
     for key, value in model.state_dict().items():
         state[key] = state[key].to(value.dtype)

@@ -16,7 +16,7 @@ import stat
 import struct
 import zipfile
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any, BinaryIO
 
@@ -344,7 +344,12 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not allowed")
 
 
-def model_for_shapes(spec: models.ModelSpec, shapes: Mapping[str, tuple[int, ...]]) -> nn.Module:
+def model_for_shapes(
+    spec: models.ModelSpec,
+    shapes: Mapping[str, tuple[int, ...]],
+    *,
+    kinds: Callable[[nn.Module], nn.Module] | None = None,
+) -> nn.Module:
     """Zoo model ``spec`` sized for stored tensors of ``shapes``, on the meta device.
 
     Nothing is allocated, so a forged spec (``in_features: 10**12``) costs nothing; give the
@@ -352,12 +357,15 @@ def model_for_shapes(spec: models.ModelSpec, shapes: Mapping[str, tuple[int, ...
     with ``load_state_dict``. Raises :class:`ModelError` when the spec cannot be built, the
     tensor names are not the model's, a stored shape is larger than the model's (channel pruning
     only shrinks layers) or the shapes do not chain (a shape-only forward pass fails).
+    ``kinds`` puts the stored compressed layer kinds in place first (its errors pass through).
     """
     try:
         with torch.device("meta"):
             model = models.create(spec.name, **spec.kwargs)
     except Exception as exc:  # a forged spec can make a factory fail in any way
         raise ModelError(f"model spec cannot be built: {_first_line(exc)}") from exc
+    if kinds is not None:
+        model = kinds(model)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if set(shapes) != set(expected):
         missing, extra = set(expected) - set(shapes), set(shapes) - set(expected)

@@ -51,9 +51,20 @@ __all__ = [
     "USER_ATTR",
     "GraphModel",
     "UserModel",
+    "apply_kinds",
+    "bool_option",
+    "build_module",
     "capture",
+    "choice_option",
+    "conv_options",
     "describe",
+    "float_option",
+    "int_option",
+    "ints_option",
+    "kind_specs",
+    "optional_option",
     "rebuild",
+    "register_kind",
 ]
 
 GRAPH_VERSION = 1
@@ -259,6 +270,35 @@ MODULES: dict[str, ModuleKind] = {
 """Module types a graph may hold, by name, with the checks of each constructor option."""
 
 _KIND_OF: dict[type[nn.Module], str] = {k.cls: name for name, k in MODULES.items()}
+
+KINDS: dict[str, ModuleKind] = {}
+"""The compressed layer kinds of the method families (low-rank, hashed, binary, quantized...):
+allowlisted like :data:`MODULES` (which holds them too), and in addition recorded in a .dsq
+manifest wherever a model holds one, so a file rebuilds them on the zoo model or the user's
+skeleton it is loaded into (:func:`kind_specs`, :func:`apply_kinds`)."""
+
+# Option checks for the kinds' constructor options (public: the families' modules use them).
+int_option = _int
+float_option = _float
+bool_option = _bool
+optional_option = _optional
+choice_option = _choice
+ints_option = _ints
+conv_options = _conv
+
+
+def register_kind(name: str, cls: type[nn.Module], options: dict[str, Check]) -> None:
+    """Register a compressed layer kind: ``cls(**options)`` rebuilds it, each option read from
+    the module's attribute of the same name (``bias``: whether ``module.bias`` is set) and
+    checked by its :data:`Check` when a file is read. The kind becomes a graph leaf and is
+    recorded in every .dsq file that holds one. Re-registering the same class is a no-op."""
+    if not _NAME_RE.fullmatch(name):
+        raise ValueError(f"kind name {name!r} must be an identifier")
+    known = MODULES.get(name)
+    if known is not None and known.cls is not cls:
+        raise ValueError(f"kind {name!r} is already registered for {known.cls.__name__}")
+    MODULES[name] = KINDS[name] = ModuleKind(cls, dict(options))
+    _KIND_OF[cls] = name
 
 
 def _option(mod: nn.Module, key: str) -> Any:
@@ -595,6 +635,63 @@ def _build_module(name: Any, spec: Any, device: str | torch.device) -> nn.Module
             f"graph: {where} ({spec['type']}) cannot be built with {config!r:.200}: "
             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
         ) from exc
+
+
+def build_module(name: str, spec: Any, device: str | torch.device = "meta") -> nn.Module:
+    """The allowlisted module ``spec`` (``{"type", "config"}``) describes, every option checked
+    (:class:`DsqFormatError` otherwise), on ``device`` (meta: nothing allocated)."""
+    return _build_module(name, spec, device)
+
+
+def _spec_of(mod: nn.Module, kind: str) -> dict[str, Any]:
+    return {"type": kind, "config": {k: _option(mod, k) for k in MODULES[kind].options}}
+
+
+def kind_specs(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """Module name → ``{"type", "config"}`` of every compressed layer kind in ``model``
+    (:data:`KINDS`), each config checked as a reader will check it (:class:`ModelError` when a
+    kind's module does not describe itself validly). A kind inside a kind is not allowed."""
+    specs: dict[str, dict[str, Any]] = {}
+    for name, mod in model.named_modules():
+        kind = _kind_name(mod)
+        if kind not in KINDS:
+            continue
+        outer = next((o for o in specs if name.startswith(o + ".")), None)
+        if outer is not None:
+            raise ModelError(f"layer kind {kind} at {name!r} is inside the layer kind at {outer!r}")
+        spec = _spec_of(mod, kind)
+        try:
+            _build_module(name, spec, "meta")
+        except DsqFormatError as exc:
+            raise ModelError(f"layer {name!r} ({kind}) cannot be stored: {exc}") from exc
+        specs[name] = spec
+    return specs
+
+
+def apply_kinds(model: nn.Module, specs: Any, what: str = "the file") -> nn.Module:
+    """Put the stored layer kinds (``{name: {"type", "config"}}``, read from a file: checked
+    here) in place of the modules of the same names in ``model`` (a skeleton, usually on the
+    meta device); raises :class:`DsqFormatError`. Works in place; returns ``model``."""
+    if not isinstance(specs, dict) or len(specs) > MAX_MODULES:
+        raise DsqFormatError(f"{what}: 'modules' must be an object of at most {MAX_MODULES}")
+    device = next((t.device for t in model.parameters()), torch.device("meta"))
+    for name, spec in specs.items():
+        if isinstance(spec, dict) and spec.get("type") not in KINDS:
+            raise DsqFormatError(
+                f"{what}: module {name!r:.80} has type {spec.get('type')!r:.60}, which is not "
+                f"a compressed layer kind ({sorted(KINDS)})"
+            )
+        new = _build_module(name, spec, device)
+        try:
+            model.get_submodule(name)
+        except AttributeError:
+            raise DsqFormatError(
+                f"{what}: stored layer {name!r:.80} ({spec['type']}) is not a module of the "
+                f"model it is loaded into ({type(model).__name__})"
+            ) from None
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
+    return model
 
 
 def _attach(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -7,9 +7,13 @@ codebook symbols packed at the bits the codebook needs (or fp32 values when it i
 holds about as many bytes as the file spends on the layer (1 byte of gap + 0.5 byte of symbol
 per kept weight for a 4-bit shared layer), far below the dense fp32 matrix.
 
-:data:`FORM_DECODERS` maps a file encoding to its decoder; methods added later (low-rank factors,
-hashed layers, packed binary weights, int8) register a decoder for their encoding here and their
-executors in :mod:`deepsqueeze.runtime.layers`.
+:data:`FORM_DECODERS` maps a file encoding to its decoder. A layer's whole runtime form (weight
+form, bias, the stored tensors it stands for) is a :class:`LayerForm`, read per layer type by a
+reader in :data:`LAYER_READERS`: Linear and Conv2d by :func:`read_matrix_layer` (a compressed
+weight encoding → :class:`CompressedMatrix`); the compressed layer kinds of the method families
+(hashed, binary, quantized...) register theirs with :func:`register_layer_form` and their
+executors with :func:`deepsqueeze.runtime.layers.register_impl`
+(``runtime/executors/<family>.py``).
 """
 
 from __future__ import annotations
@@ -17,10 +21,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from deepsqueeze.codec.tensor import (
     _codebook_and_symbols,
@@ -38,6 +43,9 @@ from deepsqueeze.runtime.kernel import (
     MODE_CB16,
     MODE_F32,
 )
+
+if TYPE_CHECKING:
+    from deepsqueeze.dsq import StoredModel
 
 FILL = 255
 """Gap byte of a filler entry: advance the column cursor by 255, no weight."""
@@ -336,3 +344,50 @@ plain torch module (its file bytes are its fp32 bytes already)."""
 def register_form(encoding: str, decoder: FormDecoder) -> None:
     """Register the runtime form of a file encoding (for methods added later)."""
     FORM_DECODERS[encoding] = decoder
+
+
+@dataclass
+class LayerForm:
+    """What the runtime needs to run one layer from the file: ``form`` (handed to the
+    executors' ``build``/``accepts``), ``bias`` (decoded, or None), ``tensors`` (the stored
+    tensor names this form stands for: not decoded densely unless no executor runs the layer),
+    and the facts the autotuner's table shows (``weight_shape``, ``encoding``, ``kept`` weights
+    or parameters, ``density`` = kept / dense weights)."""
+
+    form: Any
+    bias: torch.Tensor | None
+    tensors: list[str]
+    weight_shape: list[int]
+    encoding: str
+    kept: int
+    density: float
+
+
+LayerReader = Callable[[str, nn.Module, "StoredModel"], "LayerForm | None"]
+"""``reader(layer_name, skeleton_module, stored_file)``: the layer's :class:`LayerForm`, or None
+when it runs as the plain (dense-decoded) module. Raises :class:`DsqFormatError` on bad data."""
+
+LAYER_READERS: dict[type[nn.Module], LayerReader] = {}
+"""Layer type (exact) → reader of its runtime form."""
+
+
+def register_layer_form(layer_type: type[nn.Module], reader: LayerReader) -> None:
+    """Register how the runtime reads layers of ``layer_type`` from a file."""
+    LAYER_READERS[layer_type] = reader
+
+
+def read_matrix_layer(name: str, module: nn.Module, stored: StoredModel) -> LayerForm | None:
+    """A Linear / Conv2d whose weight is stored compressed (sparse, codebook...) as a
+    :class:`CompressedMatrix`; None for a dense weight."""
+    entry = stored.entries.get(f"{name}.weight")
+    if entry is None or entry["encoding"] not in FORM_DECODERS:
+        return None
+    form = FORM_DECODERS[entry["encoding"]](entry, stored.sections)
+    bias_key = f"{name}.bias"
+    bias = stored.decode(bias_key) if bias_key in stored.entries else None
+    return LayerForm(form, bias, [f"{name}.weight", *([bias_key] if bias is not None else [])],
+                     list(entry["shape"]), form.encoding, form.nnz, form.density)
+
+
+register_layer_form(nn.Linear, read_matrix_layer)
+register_layer_form(nn.Conv2d, read_matrix_layer)

@@ -26,7 +26,8 @@ from deepsqueeze.metrics.size import FP32_BYTES
 from deepsqueeze.models.graph import USER_ATTR
 from deepsqueeze.models.registry import SPEC_ATTR
 from deepsqueeze.runtime import autotune as at
-from deepsqueeze.runtime.forms import FORM_DECODERS
+from deepsqueeze.runtime import executors
+from deepsqueeze.runtime.forms import LAYER_READERS, LayerForm
 from deepsqueeze.runtime.kernel import get_kernel
 from deepsqueeze.runtime.layers import IMPLS, KernelLinear, RuntimeLayer, candidates
 from deepsqueeze.runtime.memory import held_bytes
@@ -162,14 +163,21 @@ def load_runtime(
     """
     if batch_size < 1:
         raise DeepSqueezeError(f"batch_size must be positive, got {batch_size}")
+    executors.load_all()
     stored = read_model_file(source)
     where, dsq, by_name = stored.source, stored.file, stored.entries
     skeleton = model
     model = stored.mark(stored.skeleton(skeleton))
-    targets = [
-        name for name, mod in model.named_modules()
-        if type(mod) in IMPLS and by_name.get(f"{name}.weight", {}).get("encoding") in FORM_DECODERS
-    ]
+    forms: dict[str, LayerForm] = {}
+    for name, mod in model.named_modules():
+        reader = LAYER_READERS.get(type(mod))
+        if reader is None or type(mod) not in IMPLS or any(
+                name.startswith(f"{t}.") for t in forms):
+            continue
+        layer_form = reader(name, mod, stored)
+        if layer_form is not None:
+            forms[name] = layer_form
+    targets = list(forms)
     in_shapes = _input_shapes(model, targets, stored.meta_inputs(model, batch_size), batch_size,
                               trusted=skeleton is not None)
     tune = at.autotune_enabled() if autotune is None else autotune
@@ -177,30 +185,24 @@ def load_runtime(
     updates: dict[str, Any] = {}
     forced = dict(impls or {})
 
-    state: dict[str, torch.Tensor] = {}
-    for name in by_name:
-        if name.endswith(".weight") and name[: -len(".weight")] in targets:
-            continue
-        state[name] = stored.decode(name)
+    consumed = {t for f in forms.values() for t in f.tensors}
+    state = {name: stored.decode(name) for name in by_name if name not in consumed}
     dense_bytes = stored.dense_parameters * FP32_BYTES
 
     layers: list[at.LayerChoice] = []
     built: dict[str, dict[str, RuntimeLayer]] = {}
     for name in targets:
         module = model.get_submodule(name)
-        entry = by_name[f"{name}.weight"]
-        form = FORM_DECODERS[entry["encoding"]](entry, dsq.sections)
-        bias_key = f"{name}.bias"
-        bias = state.get(bias_key)
+        layer_form = forms[name]
+        form, bias = layer_form.form, layer_form.bias
         impl_list = candidates(form, module)
         if name in forced:
             impl_list = [i for i in impl_list if i.name == forced[name]]
             if not impl_list:
                 raise DeepSqueezeError(f"layer {name}: executor {forced[name]!r} not available")
         if not impl_list or name not in in_shapes:  # nothing can run it: plain dense module
-            state[f"{name}.weight"] = form.to_dense().view(entry["shape"])
+            state.update({t: stored.decode(t) for t in layer_form.tensors})
             continue
-        state.pop(bias_key, None)
         mods = {impl.name: impl.build(form, bias, module).eval() for impl in impl_list}
         for impl_name, mod in mods.items():
             mod.impl = impl_name  # the registry's name (one class may serve several)
@@ -208,13 +210,12 @@ def load_runtime(
         choice = at.LayerChoice(
             layer=name,
             layer_type=type(module).__name__,
-            weight_shape=list(entry["shape"]),
-            encoding=form.encoding,
-            kept=form.nnz,
-            density=form.density,
+            weight_shape=layer_form.weight_shape,
+            encoding=layer_form.encoding,
+            kept=layer_form.kept,
+            density=layer_form.density,
             input_shape=in_shapes[name],
-            file_bytes=_section_bytes(dsq.sections, f"{name}.weight")
-            + _section_bytes(dsq.sections, bias_key),
+            file_bytes=sum(_section_bytes(dsq.sections, t) for t in layer_form.tensors),
             held_bytes={n: m.held_bytes() for n, m in mods.items()},
         )
         geometry = getattr(next(iter(mods.values())), "geometry", None)
