@@ -33,7 +33,10 @@ from deepsqueeze.errors import DsqFormatError
 ENCODINGS = ("dense", "codebook", "sparse", "sparse-codebook")
 MAX_CODEBOOK = 1 << 16
 MAX_INDEX_BITS = 16
-DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "int64": np.dtype("<i8")}
+DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "int64": np.dtype("<i8"),
+          "int8": np.dtype("i1")}
+"""``int8`` holds integer-valued floats in -128..127 (quantized weights and their codebooks)
+exactly, in a byte each; the encoder picks it only when every value is such an integer."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,22 @@ class EncodedTensor:
     @property
     def nbytes(self) -> int:
         return sum(len(b) for b in self.sections.values())
+
+
+def _int8_exact(values: np.ndarray) -> bool:
+    """Every value an integer in -128..127 (so ``int8`` stores it exactly)."""
+    return bool(values.size) and bool(np.all(values == np.rint(values))) and \
+        float(values.min()) >= -128 and float(values.max()) <= 127
+
+
+def _with_int8(candidates: list[EncodedTensor], values: np.ndarray, key: str) -> None:
+    """Add an ``int8`` copy of the last candidate when ``values`` (its section ``key``) are
+    small integers: 1 byte per value instead of 2 or 4 (quantized weights, their codebooks)."""
+    last = candidates[-1]
+    if last.entry["dtype"] != "int8" and _int8_exact(values):
+        sections = dict(last.sections)
+        sections[key] = values.astype(DTYPES["int8"]).tobytes()
+        candidates.append(EncodedTensor({**last.entry, "dtype": "int8"}, sections))
 
 
 def _code_indices(symbols: np.ndarray, bits: int, huffman: bool) -> tuple[bytes, str]:
@@ -101,6 +120,7 @@ def encode_tensor(
             {f"{name}:data": values.astype(DTYPES[dense_dtype]).tobytes()},
         )
     )
+    _with_int8(candidates, values, f"{name}:data")
     distinct, inverse = np.unique(values, return_inverse=True)
     exact_codebook = codebook_dtype == "float32" or dense_dtype == "float16"
     if distinct.size <= MAX_CODEBOOK and distinct.size < values.size // 2 and exact_codebook:
@@ -122,6 +142,7 @@ def encode_tensor(
                 },
             )
         )
+        _with_int8(candidates, distinct, f"{name}:codebook")
     nonzero = np.flatnonzero(values)
     if nonzero.size < values.size // 2:
         positions = nonzero
@@ -180,6 +201,7 @@ def encode_tensor(
                     },
                 )
             )
+            _with_int8(candidates, nz_distinct, f"{name}:codebook")
     return min(candidates, key=lambda c: c.nbytes)
 
 
