@@ -1,0 +1,742 @@
+"""Low-rank factorization: truncated SVD, sparse low rank (SLR), Tucker-2 of convolutions.
+
+- ``svd``: a Linear weight ``W`` (out × in) becomes ``A·B`` with ``A = U_k Σ_k^½`` (out × k) and
+  ``B = Σ_k^½ V_kᵀ`` (k × in) — a :class:`~deepsqueeze.models.low_rank.LowRankLinear`. A Conv2d
+  (O × C × kh × kw) is factorized as the matrix O × (C·kh·kw): a k×k conv to ``k`` channels, then
+  a 1×1 conv (channel decomposition, Jaderberg et al. 2014 / Denton et al. 2014).
+- ``sparse-svd``: SLR of Swaminathan et al. 2020 on Linear layers: after the rank-k SVD, the
+  least important input and output neurons keep fewer components (masks on the factors, kept
+  through fine-tuning). The rule is written in docs/methods.md and :func:`slr_masks`.
+- ``tucker``: Tucker-2 of a k×k conv (1×1 → k×k core → 1×1) by tensorly's ``partial_tucker``.
+
+The rank of a layer is given (``rank``), chosen by retained energy (``energy``: the smallest
+``k`` with ``Σ_{i<k} σ_i² ≥ energy · Σ σ_i²``), or by the layer's compression (``ratio``: the
+largest ``k`` with ``k·(m + n) · ratio ≤ m·n``). The factors are plain Linear/Conv2d children,
+so pruning and weight sharing compose (svd → prune → share) and the codec stores them through
+its smallest lossless encoding.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from torch import nn
+from torch.nn.utils import parametrize
+
+from deepsqueeze.errors import ModelError, RecipeError
+from deepsqueeze.methods.base import Method, MethodParams, per_layer, register_method
+from deepsqueeze.methods.pruning import set_mask
+from deepsqueeze.models.low_rank import LowRankConv2d, LowRankLinear, TuckerConv2d
+from deepsqueeze.models.state import replace_module
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+_KINDS = (LowRankLinear, LowRankConv2d, TuckerConv2d)
+
+# --------------------------------------------------------------------------------------------
+# Math on tensors
+# --------------------------------------------------------------------------------------------
+
+
+def svd(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``U, S, Vh`` of ``weight`` viewed as a matrix (rows = dim 0), computed in float64."""
+    w = weight.detach().to(torch.float64).flatten(1)
+    if not bool(torch.isfinite(w).all()):
+        raise ModelError("cannot factorize a weight holding NaN or Inf values")
+    return torch.linalg.svd(w, full_matrices=False)
+
+
+def energy_rank(singular: torch.Tensor, energy: float) -> int:
+    """Smallest ``k`` with ``Σ_{i<k} σ_i² ≥ energy · Σ σ_i²`` (1 for an all-zero matrix)."""
+    if not 0.0 < energy <= 1.0:
+        raise ValueError(f"energy must be in (0, 1], got {energy}")
+    sq = singular.to(torch.float64) ** 2
+    total = float(sq.sum())
+    if total == 0.0:
+        return 1
+    cum = torch.cumsum(sq, 0) / total
+    # a relative tolerance so that energy 1.0 does not ask for components of rounding noise
+    k = int(torch.searchsorted(cum, torch.tensor(energy - 1e-12, dtype=torch.float64))) + 1
+    return max(1, min(k, singular.numel()))
+
+
+def ratio_rank(rows: int, cols: int, ratio: float) -> int:
+    """Largest ``k ≥ 1`` whose factors hold at most ``1/ratio`` of the ``rows·cols`` weights."""
+    if not ratio > 0:
+        raise ValueError(f"ratio must be positive, got {ratio}")
+    return max(1, min(min(rows, cols), math.floor(rows * cols / (ratio * (rows + cols)))))
+
+
+def choose_rank(
+    singular: torch.Tensor, rows: int, cols: int, *, rank: int | None = None,
+    energy: float | None = None, ratio: float | None = None,
+) -> int:
+    """The rank by exactly one rule (given, energy, ratio), capped at ``min(rows, cols)``."""
+    if sum(v is not None for v in (rank, energy, ratio)) != 1:
+        raise ValueError("give exactly one of rank, energy, ratio")
+    full = min(rows, cols)
+    if rank is not None:
+        return max(1, min(rank, full))
+    if energy is not None:
+        return energy_rank(singular, energy)
+    assert ratio is not None
+    return ratio_rank(rows, cols, ratio)
+
+
+def split_factors(
+    u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``A = U_k Σ_k^½`` (rows × k) and ``B = Σ_k^½ V_kᵀ`` (k × cols): the singular values split
+    evenly, so both factors have the same scale (better for later pruning and sharing)."""
+    root = s[:k].sqrt()
+    return u[:, :k] * root, root[:, None] * vh[:k]
+
+
+def slr_masks(
+    k: int, out_scores: torch.Tensor, in_scores: torch.Tensor, sr: float, rr: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SLR masks of ``A`` (out × k) and ``B`` (k × in); True = kept.
+
+    The ``round(sr·out)`` output neurons and ``round(sr·in)`` input neurons of lowest score
+    (ties: the lower index counts as less important) keep only the first
+    ``k − round(rr·k)`` components: the rest of their row of ``A`` / column of ``B`` is zero.
+    """
+    if not 0.0 <= sr < 1.0 or not 0.0 <= rr <= 1.0:
+        raise ValueError(f"sr must be in [0, 1) and rr in [0, 1], got sr={sr}, rr={rr}")
+    keep_low = k - round(rr * k)
+    comps = torch.arange(k)
+
+    def rows(scores: torch.Tensor) -> torch.Tensor:
+        n = scores.numel()
+        weak = torch.zeros(n, dtype=torch.bool)
+        count = round(sr * n)
+        if count:
+            order = torch.argsort(scores.detach().to(torch.float64).cpu(), stable=True)
+            weak[order[:count]] = True
+        return ~(weak[:, None] & (comps[None, :] >= keep_low))
+
+    return rows(out_scores), rows(in_scores).t().contiguous()
+
+
+def _check_conv(conv: nn.Conv2d, name: str, method: str) -> None:
+    if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        raise ModelError(
+            f"{method}: layer {name!r} is a grouped, non-zero-padded or padding={conv.padding!r} "
+            "conv; only ordinary convs (groups=1, numeric zero padding) can be factorized; "
+            "leave it out with 'layers'"
+        )
+
+
+def _check_plain(module: nn.Module, name: str, method: str) -> None:
+    if parametrize.is_parametrized(module):
+        raise ModelError(
+            f"{method}: layer {name!r} has parametrized weights (a mask or codebook of an "
+            "earlier stage); factorize first, then prune or share the factors"
+        )
+
+
+def _like(new: nn.Module, old: nn.Module) -> nn.Module:
+    ref = old.weight
+    new = new.to(device=ref.device, dtype=ref.dtype)
+    new.train(old.training)
+    return new
+
+
+def _set(param: torch.Tensor, value: torch.Tensor) -> None:
+    with torch.no_grad():
+        param.copy_(value.view_as(param).to(param.dtype))
+
+
+def factorize_linear(linear: nn.Linear, rank: int) -> LowRankLinear:
+    """The rank-``rank`` truncated SVD of ``linear`` as a :class:`LowRankLinear`."""
+    u, s, vh = svd(linear.weight)
+    rank = max(1, min(rank, s.numel()))
+    a, b = split_factors(u, s, vh, rank)
+    new = LowRankLinear(linear.in_features, linear.out_features, rank, linear.bias is not None)
+    new = _like(new, linear)
+    return _fill_linear(new, linear, a, b)
+
+
+def _fill_linear(new: LowRankLinear, old: nn.Linear, a: torch.Tensor, b: torch.Tensor
+                 ) -> LowRankLinear:
+    _set(new.first.weight, b)
+    _set(new.second.weight, a)
+    if old.bias is not None:
+        assert new.second.bias is not None
+        _set(new.second.bias, old.bias.detach())
+    return new
+
+
+def factorize_conv(conv: nn.Conv2d, rank: int) -> LowRankConv2d:
+    """Channel decomposition of ``conv``: k×k conv to ``rank`` channels, then 1×1."""
+    _check_conv(conv, type(conv).__name__, "svd")
+    u, s, vh = svd(conv.weight)
+    rank = max(1, min(rank, s.numel()))
+    a, b = split_factors(u, s, vh, rank)
+    new = LowRankConv2d(
+        conv.in_channels, conv.out_channels, rank, conv.kernel_size, stride=conv.stride,
+        padding=conv.padding, dilation=conv.dilation, bias=conv.bias is not None,
+    )
+    new = _like(new, conv)
+    _set(new.first.weight, b)
+    _set(new.second.weight, a)
+    if conv.bias is not None:
+        assert new.second.bias is not None
+        _set(new.second.bias, conv.bias.detach())
+    return new
+
+
+def mode_ranks_by_energy(weight: torch.Tensor, energy: float) -> tuple[int, int]:
+    """``(rank_in, rank_out)`` of a conv kernel by the energy of its mode-1 / mode-0 unfoldings
+    (the HOSVD rule)."""
+    w = weight.detach().to(torch.float64)
+    s_out = torch.linalg.svdvals(w.flatten(1))
+    s_in = torch.linalg.svdvals(w.transpose(0, 1).flatten(1))
+    return energy_rank(s_in, energy), energy_rank(s_out, energy)
+
+
+def tucker_conv(conv: nn.Conv2d, rank_in: int, rank_out: int, n_iter_max: int = 100
+                ) -> TuckerConv2d:
+    """Tucker-2 of ``conv`` (modes 0 and 1) by tensorly's HOOI (``partial_tucker``)."""
+    import tensorly
+    from tensorly.decomposition import partial_tucker
+
+    _check_conv(conv, type(conv).__name__, "tucker")
+    rank_in = max(1, min(rank_in, conv.in_channels))
+    rank_out = max(1, min(rank_out, conv.out_channels))
+    w = conv.weight.detach().to(torch.float64).cpu().numpy()
+    tensorly.set_backend("numpy")
+    (core, (u_out, u_in)), _ = partial_tucker(
+        w, rank=[rank_out, rank_in], modes=[0, 1], n_iter_max=n_iter_max, init="svd",
+        random_state=0,
+    )
+    new = TuckerConv2d(
+        conv.in_channels, conv.out_channels, rank_in, rank_out, conv.kernel_size,
+        stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
+        bias=conv.bias is not None,
+    )
+    new = _like(new, conv)
+    _set(new.first.weight, torch.from_numpy(u_in).t())  # r_in × C
+    _set(new.core.weight, torch.from_numpy(core))  # r_out × r_in × kh × kw
+    _set(new.last.weight, torch.from_numpy(u_out))  # O × r_out
+    if conv.bias is not None:
+        assert new.last.bias is not None
+        _set(new.last.bias, conv.bias.detach())
+    return new
+
+
+# --------------------------------------------------------------------------------------------
+# Parameters
+# --------------------------------------------------------------------------------------------
+
+Scalar = float | dict[str, float]
+
+
+def _values(value: Any) -> list[tuple[str, Any]]:
+    if value is None:
+        return []
+    if isinstance(value, dict):
+        return [(f"{k!r}: ", v) for k, v in value.items()]
+    return [("", value)]
+
+
+def _check_energy(value: Any) -> Any:
+    for key, v in _values(value):
+        if not 0.0 < v <= 1.0:
+            raise ValueError(
+                f"{key}energy must be in (0, 1] (the share of the squared singular values kept, "
+                f"e.g. 0.9), got {v}"
+            )
+    return value
+
+
+class RankParams(MethodParams):
+    """How the rank of each layer is chosen: exactly one of ``rank``, ``energy``, ``ratio``."""
+
+    rank: int | dict[str, int] | None = Field(
+        None, description="rank k of the factors (capped at the layer's full rank)"
+    )
+    energy: Scalar | None = Field(
+        None, description="share of Σσ² kept, in (0, 1]: the smallest k reaching it"
+    )
+    ratio: Scalar | None = Field(
+        None, description="the layer's weights / the factors' weights, > 1 (largest k within)"
+    )
+    layers: list[str] | None = Field(None, description="globs or type:Linear; default all")
+    skip_unprofitable: bool = Field(
+        False, description="leave a layer dense when its factors would not be smaller"
+    )
+
+    @field_validator("rank")
+    @classmethod
+    def _rank_range(cls, value: Any) -> Any:
+        for key, v in _values(value):
+            if isinstance(v, bool) or v < 1:
+                raise ValueError(f"{key}rank must be a positive integer, got {v}")
+        return value
+
+    @field_validator("energy")
+    @classmethod
+    def _energy_range(cls, value: Any) -> Any:
+        return _check_energy(value)
+
+    @field_validator("ratio")
+    @classmethod
+    def _ratio_range(cls, value: Any) -> Any:
+        for key, v in _values(value):
+            if not (v > 1.0 and math.isfinite(v)):
+                raise ValueError(
+                    f"{key}ratio must be a finite number > 1 (how many times fewer weights the "
+                    f"factors hold than the layer, e.g. 4), got {v}"
+                )
+        return value
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> RankParams:
+        given = [n for n in ("rank", "energy", "ratio") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one of 'rank' (e.g. 20), 'energy' (share of Σσ² kept, e.g. 0.9) "
+                "or 'ratio' (weight reduction of the layer, e.g. 4)"
+                + (f"; got {', '.join(given)}" if given else "")
+            )
+        return self
+
+
+def _layer_rule(params: RankParams, names: list[str], method: str) -> dict[str, dict[str, Any]]:
+    """Per layer: ``{"rank": k}`` / ``{"energy": e}`` / ``{"ratio": r}``."""
+    for key in ("rank", "energy", "ratio"):
+        value = getattr(params, key)
+        if value is not None:
+            return {n: {key: v} for n, v in per_layer(value, names, f"{method}.{key}").items()}
+    raise AssertionError("unreachable: validated")
+
+
+def _check_not_factor(model: nn.Module, layers: dict[str, nn.Module], method: str) -> None:
+    kinds = {n for n, m in model.named_modules() if isinstance(m, _KINDS)}
+    bad = [n for n in layers if n.rpartition(".")[0] in kinds]
+    if bad:
+        raise ModelError(
+            f"{method}: {bad} are factors of an already factorized layer; select the original "
+            "layers with 'layers' (e.g. ['fc1', 'fc2'])"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# svd
+# --------------------------------------------------------------------------------------------
+
+
+def _stats(rows: int, cols: int, k: int, s: torch.Tensor) -> dict[str, Any]:
+    sq = s.to(torch.float64) ** 2
+    total = float(sq.sum())
+    return {
+        "rank": k,
+        "full_rank": min(rows, cols),
+        "energy_kept": float(sq[:k].sum()) / total if total > 0 else 1.0,
+        "weights_before": rows * cols,
+        "weights_after": k * (rows + cols),
+    }
+
+
+@register_method
+class TruncatedSVD(Method):
+    """Truncated SVD of Linear layers and channel decomposition of Conv2d layers."""
+
+    name = "svd"
+    Params = RankParams
+    supported = (nn.Linear, nn.Conv2d)
+    params: RankParams
+
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**params)
+        self.report: dict[str, dict[str, Any]] = {}
+
+    def apply(self, model: nn.Module, layers: dict[str, nn.Module]) -> None:
+        """Replace each selected layer by its factorized kind (in place)."""
+        if not layers:
+            raise ModelError("svd: no layers selected")
+        _check_not_factor(model, layers, self.name)
+        for name, mod in layers.items():
+            _check_plain(mod, name, self.name)
+            if isinstance(mod, nn.Conv2d):
+                _check_conv(mod, name, self.name)
+        rules = _layer_rule(self.params, list(layers), self.name)
+        self.report = {}
+        for name, mod in layers.items():
+            u, s, vh = svd(mod.weight)
+            rows, cols = u.shape[0], vh.shape[1]
+            k = choose_rank(s, rows, cols, **rules[name])
+            stats = _stats(rows, cols, k, s)
+            if self.params.skip_unprofitable and stats["weights_after"] >= rows * cols:
+                self.report[name] = {**stats, "factorized": False}
+                continue
+            if isinstance(mod, nn.Conv2d):
+                new: nn.Module = factorize_conv(mod, k)
+            else:
+                assert isinstance(mod, nn.Linear)
+                new = _fill_linear(
+                    _like(LowRankLinear(mod.in_features, mod.out_features, k,
+                                        mod.bias is not None), mod),
+                    mod, *split_factors(u, s, vh, k),
+                )
+            replace_module(model, name, new)
+            self.report[name] = {**stats, "factorized": True}
+
+
+# --------------------------------------------------------------------------------------------
+# sparse-svd (SLR)
+# --------------------------------------------------------------------------------------------
+
+
+class Calibration(BaseModel):
+    """Training data the importance of neurons is measured on (SLR-a, SLR-c)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: str = Field(description="built-in dataset, training split (e.g. mnist)")
+    samples: int = Field(1000, ge=1, le=1 << 20, description="samples drawn (stratified)")
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    batch_size: int = Field(500, ge=1, le=1 << 16)
+
+
+_IMPORTANCE = {"w": "weight", "a": "activation", "c": "loss",
+               "weight": "weight", "activation": "activation", "loss": "loss"}
+
+
+class SparseSVDParams(RankParams):
+    """Parameters of ``sparse-svd``: the rank rule, then ``sr``, ``rr`` and the importance."""
+
+    sr: float = Field(0.5, ge=0.0, lt=1.0,
+                      description="share of input and of output neurons treated as unimportant")
+    rr: float = Field(0.5, ge=0.0, le=1.0,
+                      description="share of the k components the unimportant neurons lose")
+    importance: Literal["weight", "activation", "loss", "w", "a", "c"] = Field(
+        "weight", description="SLR-w |W| sums, SLR-a mean |activation|, SLR-c |Δloss|"
+    )
+    calibration: Calibration | None = Field(
+        None, description="data for importance activation/loss (or call set_data)"
+    )
+
+    @field_validator("importance")
+    @classmethod
+    def _long_name(cls, value: str) -> str:
+        return _IMPORTANCE[value]
+
+
+@register_method
+class SparseSVD(Method):
+    """Sparse low rank (SLR, Swaminathan et al. 2020) of Linear layers.
+
+    ``W = A·B`` by the rank-k truncated SVD; the ``round(sr·n)`` least important input neurons
+    and ``round(sr·m)`` output neurons keep only the first ``k − round(rr·k)`` components (masks
+    on ``B``'s columns and ``A``'s rows, kept through fine-tuning). Importance is measured on the
+    model as it was before any selected layer was factorized.
+    """
+
+    name = "sparse-svd"
+    Params = SparseSVDParams
+    supported = (nn.Linear,)
+    params: SparseSVDParams
+
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**params)
+        self.report: dict[str, dict[str, Any]] = {}
+        self._data: tuple[Any, torch.Tensor, LossFn] | None = None
+
+    def set_data(self, inputs: Any, targets: torch.Tensor, loss_fn: LossFn | None = None,
+                 batch_size: int = 500) -> SparseSVD:
+        """Data for importance ``activation``/``loss``: an input tensor (or a tuple of them, batch
+        first) and targets; ``loss_fn(outputs, targets)`` defaults to cross-entropy. Overrides
+        ``calibration``."""
+        n = (inputs[0] if isinstance(inputs, tuple) else inputs).shape[0]
+        if not isinstance(targets, torch.Tensor) or targets.shape[0] != n or n == 0:
+            raise RecipeError(
+                f"sparse-svd.set_data: {n} inputs need as many targets (a tensor, batch first)"
+            )
+        self._data = (inputs, targets, loss_fn or F.cross_entropy)
+        self._batch = batch_size
+        return self
+
+    def _calibration(self) -> tuple[Any, torch.Tensor, LossFn, int]:
+        if self._data is not None:
+            return (*self._data, self._batch)
+        cal = self.params.calibration
+        if cal is None:
+            raise RecipeError(
+                f"sparse-svd: importance {self.params.importance!r} is measured on data: add "
+                "'calibration: {dataset: mnist, samples: 1000}' to the stage's params, or call "
+                "method.set_data(inputs, targets) before apply (importance 'weight' needs none)"
+            )
+        from deepsqueeze.data import load_dataset
+
+        data = load_dataset(cal.dataset, "train")
+        if cal.samples < len(data):
+            data = data.subset(cal.samples, seed=cal.seed)
+        return data.normalized(), data.labels.long(), F.cross_entropy, cal.batch_size
+
+    def apply(self, model: nn.Module, layers: dict[str, nn.Module]) -> None:
+        """Score neurons (on the unfactorized model), factorize, register the SLR masks."""
+        p = self.params
+        if not layers:
+            raise ModelError("sparse-svd: no layers selected")
+        _check_not_factor(model, layers, self.name)
+        for name, mod in layers.items():
+            _check_plain(mod, name, self.name)
+        rules = _layer_rule(p, list(layers), self.name)
+        if p.importance == "weight":
+            scores = {n: weight_importance(m.weight) for n, m in layers.items()}
+        else:
+            inputs, targets, loss_fn, batch = self._calibration()
+            if p.importance == "activation":
+                scores = activation_importance(model, layers, inputs, batch)
+            else:
+                scores = loss_importance(model, layers, inputs, targets, loss_fn, batch)
+        self.report = {}
+        for name, mod in layers.items():
+            assert isinstance(mod, nn.Linear)
+            u, s, vh = svd(mod.weight)
+            rows, cols = u.shape[0], vh.shape[1]
+            k = choose_rank(s, rows, cols, **rules[name])
+            out_scores, in_scores = scores[name]
+            mask_a, mask_b = slr_masks(k, out_scores, in_scores, p.sr, p.rr)
+            new = _fill_linear(
+                _like(LowRankLinear(cols, rows, k, mod.bias is not None), mod),
+                mod, *split_factors(u, s, vh, k),
+            )
+            set_mask(new.second, mask_a.to(new.second.weight.device))
+            set_mask(new.first, mask_b.to(new.first.weight.device))
+            replace_module(model, name, new)
+            kept = int(mask_a.sum()) + int(mask_b.sum())
+            self.report[name] = {**_stats(rows, cols, k, s), "weights_after": kept,
+                                 "reduced_rank": k - round(p.rr * k)}
+
+
+def weight_importance(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """SLR-w: ``(Σ_j |W_ij| per output neuron i, Σ_i |W_ij| per input neuron j)``."""
+    w = weight.detach().abs().to(torch.float64)
+    return w.sum(1), w.sum(0)
+
+
+def _batches(inputs: Any, batch: int) -> list[tuple[Any, slice]]:
+    n = (inputs[0] if isinstance(inputs, tuple) else inputs).shape[0]
+    out = []
+    for start in range(0, n, batch):
+        sl = slice(start, min(n, start + batch))
+        part = tuple(x[sl] for x in inputs) if isinstance(inputs, tuple) else (inputs[sl],)
+        out.append((part, sl))
+    return out
+
+
+def _device(model: nn.Module) -> torch.device:
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def activation_importance(
+    model: nn.Module, layers: dict[str, nn.Module], inputs: Any, batch: int = 500
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """SLR-a: mean ``|y_i|`` of each output neuron (the layer's output) and mean ``|x_j|`` of each
+    input neuron (the layer's input) over ``inputs``; ``{name: (out, in)}``."""
+    sums: dict[str, list[torch.Tensor]] = {}
+    counts: dict[str, int] = dict.fromkeys(layers, 0)
+
+    def hook_for(name: str) -> Any:
+        def hook(_m: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> None:
+            x = args[0].detach().flatten(0, -2).abs().to(torch.float64)
+            y = out.detach().flatten(0, -2).abs().to(torch.float64)
+            acc = sums.setdefault(name, [torch.zeros(y.shape[1], dtype=torch.float64),
+                                         torch.zeros(x.shape[1], dtype=torch.float64)])
+            acc[0] += y.sum(0).cpu()
+            acc[1] += x.sum(0).cpu()
+            counts[name] += x.shape[0]
+        return hook
+
+    handles = [m.register_forward_hook(hook_for(n)) for n, m in layers.items()]
+    was_training = model.training
+    model.eval()
+    device = _device(model)
+    try:
+        with torch.no_grad():
+            for part, _ in _batches(inputs, batch):
+                model(*(x.to(device) for x in part))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    missing = [n for n in layers if counts[n] == 0]
+    if missing:
+        raise ModelError(f"sparse-svd: layers {missing} were not run by the model's forward")
+    return {n: (sums[n][0] / counts[n], sums[n][1] / counts[n]) for n in layers}
+
+
+def loss_importance(
+    model: nn.Module, layers: dict[str, nn.Module], inputs: Any, targets: torch.Tensor,
+    loss_fn: LossFn, batch: int = 500,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """SLR-c: ``|L(neuron removed) − L|`` on ``(inputs, targets)`` for every input neuron (its
+    input feature zeroed) and output neuron (its output zeroed) of each layer, one at a time.
+
+    Costs ``Σ (in + out)`` forward passes over the data: keep the calibration set small."""
+    device = _device(model)
+    parts = _batches(inputs, batch)
+    n = targets.shape[0]
+    zero: dict[str, Any] = {"where": None, "index": -1}
+
+    def total_loss() -> float:
+        value = 0.0
+        for part, sl in parts:
+            out = model(*(x.to(device) for x in part))
+            value += float(loss_fn(out, targets[sl].to(device))) * (sl.stop - sl.start)
+        return value / n
+
+    def pre(name: str) -> Any:
+        def hook(_m: nn.Module, args: tuple[Any, ...]) -> Any:
+            if zero["where"] == (name, "in"):
+                x = args[0].clone()
+                x[..., zero["index"]] = 0
+                return (x, *args[1:])
+            return None
+        return hook
+
+    def post(name: str) -> Any:
+        def hook(_m: nn.Module, _args: Any, out: torch.Tensor) -> Any:
+            if zero["where"] == (name, "out"):
+                out = out.clone()
+                out[..., zero["index"]] = 0
+                return out
+            return None
+        return hook
+
+    handles = []
+    for name, m in layers.items():
+        handles.append(m.register_forward_pre_hook(pre(name)))
+        handles.append(m.register_forward_hook(post(name)))
+    was_training = model.training
+    model.eval()
+    result: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    try:
+        with torch.no_grad():
+            base = total_loss()
+            for name, m in layers.items():
+                assert isinstance(m, nn.Linear)
+                deltas = []
+                for side, count in (("out", m.out_features), ("in", m.in_features)):
+                    d = torch.empty(count, dtype=torch.float64)
+                    for i in range(count):
+                        zero["where"], zero["index"] = (name, side), i
+                        d[i] = abs(total_loss() - base)
+                    deltas.append(d)
+                    zero["where"] = None
+                result[name] = (deltas[0], deltas[1])
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# tucker
+# --------------------------------------------------------------------------------------------
+
+
+class TuckerParams(MethodParams):
+    """Parameters of ``tucker``: ranks given (``rank``: one int for both modes, or
+    ``[rank_in, rank_out]``) or by ``energy`` of each mode's unfolding."""
+
+    rank: int | list[int] | dict[str, int | list[int]] | None = Field(
+        None, description="rank_in = rank_out, or [rank_in, rank_out]; capped at the channels"
+    )
+    energy: Scalar | None = Field(None, description="share of each unfolding's Σσ² kept")
+    n_iter_max: int = Field(100, ge=1, le=10_000, description="HOOI iterations")
+    layers: list[str] | None = Field(
+        None, description="globs or type:Conv2d; default every k×k conv with k > 1"
+    )
+
+    @field_validator("rank")
+    @classmethod
+    def _ranks(cls, value: Any) -> Any:
+        for key, v in _values(value):
+            vals = v if isinstance(v, list) else [v]
+            if len(vals) not in (1, 2) or any(isinstance(x, bool) or x < 1 for x in vals):
+                raise ValueError(
+                    f"{key}rank must be a positive int or [rank_in, rank_out], got {v}"
+                )
+        return value
+
+    @field_validator("energy")
+    @classmethod
+    def _energy_range(cls, value: Any) -> Any:
+        return _check_energy(value)
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> TuckerParams:
+        if (self.rank is None) == (self.energy is None):
+            raise ValueError(
+                "give exactly one of 'rank' (e.g. 8 or [8, 16]) or 'energy' (e.g. 0.9)"
+            )
+        return self
+
+
+@register_method
+class Tucker(Method):
+    """Tucker-2 of k×k convolutions: 1×1 (C → r_in), k×k core (r_in → r_out), 1×1 (→ O)."""
+
+    name = "tucker"
+    Params = TuckerParams
+    supported = (nn.Conv2d,)
+    params: TuckerParams
+
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**params)
+        self.report: dict[str, dict[str, Any]] = {}
+
+    def apply(self, model: nn.Module, layers: dict[str, nn.Module]) -> None:
+        """Replace each selected conv by a :class:`TuckerConv2d`."""
+        p = self.params
+        _check_not_factor(model, layers, self.name)
+        if p.layers is None:  # by default only the convolutions Tucker-2 can shrink
+            layers = {n: m for n, m in layers.items()
+                      if isinstance(m, nn.Conv2d) and max(m.kernel_size) > 1 and m.groups == 1}
+        if not layers:
+            raise ModelError("tucker: no k×k (k > 1) convolution selected")
+        for name, mod in layers.items():
+            _check_plain(mod, name, self.name)
+            assert isinstance(mod, nn.Conv2d)
+            _check_conv(mod, name, self.name)
+        names = list(layers)
+        ranks = (per_layer(p.rank, names, "tucker.rank") if p.rank is not None  # type: ignore[arg-type]
+                 else None)
+        energies = per_layer(p.energy, names, "tucker.energy") if p.energy is not None else None
+        self.report = {}
+        for name, mod in layers.items():
+            assert isinstance(mod, nn.Conv2d)
+            if ranks is not None:
+                r = ranks[name]
+                r_in, r_out = (r[0], r[-1]) if isinstance(r, list) else (r, r)
+            else:
+                assert energies is not None
+                r_in, r_out = mode_ranks_by_energy(mod.weight, energies[name])
+            new = tucker_conv(mod, r_in, r_out, p.n_iter_max)
+            replace_module(model, name, new)
+            kh, kw = mod.kernel_size
+            o, c = mod.out_channels, mod.in_channels
+            self.report[name] = {
+                "rank_in": new.rank_in, "rank_out": new.rank_out,
+                "weights_before": o * c * kh * kw,
+                "weights_after": c * new.rank_in + new.rank_in * new.rank_out * kh * kw
+                + new.rank_out * o,
+            }
+
+
+__all__ = [
+    "Calibration", "RankParams", "SparseSVD", "SparseSVDParams", "TruncatedSVD", "Tucker",
+    "TuckerParams", "activation_importance", "choose_rank", "energy_rank", "factorize_conv",
+    "factorize_linear", "loss_importance", "mode_ranks_by_energy", "ratio_rank", "slr_masks",
+    "split_factors", "svd", "tucker_conv", "weight_importance",
+]
