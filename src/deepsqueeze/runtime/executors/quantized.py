@@ -1,0 +1,276 @@
+"""Executors of the quantized layer kinds (QuantLinear, QuantConv2d).
+
+A quantized layer's runtime form (:class:`QuantForm`) is read from the file and checked: integer
+weights within ``±qmax``, finite positive scales, a zero point in 0..255, shapes that fit the
+layer. Two executors run it, the autotuner keeps the faster:
+
+``int8-ort``
+    integer arithmetic in onnxruntime: ``QuantizeLinear`` of the input (uint8), ``MatMulInteger``
+    (Linear) or ``ConvInteger`` (Conv2d) against the int8 weights (int32 accumulation), then one
+    fp32 multiply by ``input_scale * weight_scale[c]`` and the bias. Holds 1 byte per weight.
+    Only for layers whose inputs are quantized.
+``dequant``
+    the weights dequantized to fp32 once (``q * weight_scale``), the input fake-quantized, then
+    ``F.linear`` / ``F.conv2d``: the dense decoding's arithmetic. Holds 4 bytes per weight.
+
+Both compute the layer's forward (:mod:`deepsqueeze.models.quantized`) up to fp32 rounding.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deepsqueeze.errors import DsqFormatError
+from deepsqueeze.models.quantized import (
+    ACT_QMAX,
+    QuantConv2d,
+    QuantizedLayer,
+    QuantLinear,
+    fake_quantize_input,
+    qmax_of,
+)
+from deepsqueeze.runtime.forms import LayerForm, register_layer_form
+from deepsqueeze.runtime.layers import ConvGeometry, Impl, RuntimeLayer, _ConvBase, register_impl
+
+__all__ = ["QuantForm", "read_quantized"]
+
+OPSET = 17
+
+
+@dataclass
+class QuantForm:
+    """A quantized layer as the executors take it (checked when read)."""
+
+    weight: np.ndarray  # int8, the layer's weight shape
+    weight_scale: np.ndarray  # float32 [out]
+    input_scale: float
+    input_zero_point: int
+    activations: bool
+    bits: int
+
+    def dequantized(self) -> torch.Tensor:
+        """``q * weight_scale`` as fp32 (the weight shape)."""
+        w = torch.from_numpy(self.weight.astype(np.float32))
+        return w * torch.from_numpy(self.weight_scale).view(-1, *([1] * (w.dim() - 1)))
+
+
+def _decode(stored: Any, key: str) -> torch.Tensor:
+    if key not in stored.entries:
+        raise DsqFormatError(f"quantized layer: tensor {key!r} is missing")
+    return stored.decode(key)
+
+
+def read_quantized(name: str, module: nn.Module, stored: Any) -> LayerForm | None:
+    """The :class:`QuantForm` of a stored quantized layer, every value checked."""
+    assert isinstance(module, QuantizedLayer)
+    where = f"quantized layer {name!r}"
+    w = _decode(stored, f"{name}.weight")
+    shape = tuple(module.weight.shape)
+    if tuple(w.shape) != shape:
+        raise DsqFormatError(f"{where}: weight of shape {list(w.shape)}, expected {list(shape)}")
+    qmax = qmax_of(module.bits)
+    if w.numel() and (not bool(torch.isfinite(w).all()) or not torch.equal(w, torch.round(w))
+                      or float(w.abs().max()) > qmax):
+        raise DsqFormatError(f"{where}: weights are not {module.bits}-bit integers "
+                             f"(-{qmax}..{qmax})")
+    scale = _decode(stored, f"{name}.weight_scale")
+    if tuple(scale.shape) != (shape[0],) or not bool(torch.isfinite(scale).all()) or (
+            scale.numel() and float(scale.min()) <= 0):
+        raise DsqFormatError(f"{where}: weight_scale must be {shape[0]} finite positive values")
+    s_in = _decode(stored, f"{name}.input_scale")
+    zp_in = _decode(stored, f"{name}.input_zero_point")
+    if tuple(s_in.shape) != (1,) or tuple(zp_in.shape) != (1,):
+        raise DsqFormatError(f"{where}: input_scale and input_zero_point must hold one value")
+    s, zp = float(s_in[0]), float(zp_in[0])
+    if not (math.isfinite(s) and s > 0) or not (zp == round(zp) and 0 <= zp <= ACT_QMAX):
+        raise DsqFormatError(f"{where}: input scale {s} must be finite and positive and the "
+                             f"zero point {zp} an integer in 0..{ACT_QMAX}")
+    tensors = [f"{name}.{t}" for t in ("weight", "weight_scale", "input_scale",
+                                        "input_zero_point")]
+    bias = None
+    if module.bias is not None:
+        bias = _decode(stored, f"{name}.bias").float()
+        if tuple(bias.shape) != (shape[0],):
+            raise DsqFormatError(f"{where}: bias of shape {list(bias.shape)}, expected "
+                                 f"[{shape[0]}]")
+        tensors.append(f"{name}.bias")
+    form = QuantForm(w.numpy().astype(np.int8), scale.numpy().astype(np.float32), s, int(zp),
+                     bool(module.activations), int(module.bits))
+    kept = int(np.count_nonzero(form.weight))
+    return LayerForm(form, bias, tensors, list(shape), f"int{module.bits}", kept,
+                     kept / max(1, w.numel()))
+
+
+def _session(model: Any) -> Any:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = torch.get_num_threads()
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), sess_options=opts,
+                                providers=["CPUExecutionProvider"])
+
+
+def _integer_graph(form: QuantForm, bias: torch.Tensor | None, conv: ConvGeometry | None
+                   ) -> Any:
+    """ONNX model: QuantizeLinear -> MatMulInteger / ConvInteger -> Cast -> Mul (-> Add)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    out = form.weight.shape[0]
+    mul = (np.float32(form.input_scale) * form.weight_scale).astype(np.float32)
+    inits = [numpy_helper.from_array(np.array(form.input_scale, np.float32), "sx"),
+             numpy_helper.from_array(np.array(form.input_zero_point, np.uint8), "zp")]
+    if conv is None:
+        inits += [numpy_helper.from_array(np.ascontiguousarray(form.weight.T), "w"),
+                  numpy_helper.from_array(mul, "mul")]
+        core = helper.make_node("MatMulInteger", ["xq", "w", "zp"], ["yi"])
+        x_shape: list[Any] = ["n", form.weight.shape[1]]
+        bshape: tuple[int, ...] = (out,)
+    else:
+        inits += [numpy_helper.from_array(form.weight, "w"),
+                  numpy_helper.from_array(mul.reshape(1, out, 1, 1), "mul")]
+        ph, pw = conv.padding
+        core = helper.make_node("ConvInteger", ["xq", "w", "zp"], ["yi"],
+                                pads=[ph, pw, ph, pw], strides=list(conv.stride),
+                                dilations=list(conv.dilation), group=conv.groups,
+                                kernel_shape=list(conv.kernel_size))
+        x_shape = ["n", conv.in_channels, "h", "w"]
+        bshape = (1, out, 1, 1)
+    nodes = [helper.make_node("QuantizeLinear", ["x", "sx", "zp"], ["xq"]), core,
+             helper.make_node("Cast", ["yi"], ["yf"], to=TensorProto.FLOAT)]
+    if bias is None:
+        nodes.append(helper.make_node("Mul", ["yf", "mul"], ["y"]))
+    else:
+        inits.append(numpy_helper.from_array(bias.numpy().astype(np.float32).reshape(bshape),
+                                             "b"))
+        nodes += [helper.make_node("Mul", ["yf", "mul"], ["ym"]),
+                  helper.make_node("Add", ["ym", "b"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "quantized_layer",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+
+
+class OrtQuantLinear(RuntimeLayer):
+    """Linear in integers through onnxruntime (MatMulInteger, int32 accumulation)."""
+
+    impl = "int8-ort"
+
+    def __init__(self, form: QuantForm, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.rows, self.cols = form.weight.shape
+        self._bytes = form.weight.nbytes + form.weight_scale.nbytes
+        self._sess = _session(_integer_graph(form, bias, None))
+        self.register_buffer("bias", bias, persistent=False)
+
+    def extra_bytes(self) -> int:
+        return self._bytes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.linear_input(x, self.cols)
+        lead = x.shape[:-1]
+        if x.numel() == 0:
+            return torch.empty(*lead, self.rows)
+        y = self._sess.run(None, {"x": x.reshape(-1, self.cols).numpy()})[0]
+        return torch.from_numpy(y).reshape(*lead, self.rows)
+
+
+class OrtQuantConv2d(_ConvBase):
+    """Conv2d in integers through onnxruntime (ConvInteger, int32 accumulation)."""
+
+    impl = "int8-ort"
+
+    def __init__(self, form: QuantForm, bias: torch.Tensor | None,
+                 geometry: ConvGeometry) -> None:
+        super().__init__(geometry, bias)
+        self._bytes = form.weight.nbytes + form.weight_scale.nbytes
+        self._sess = _session(_integer_graph(form, bias, geometry))
+
+    def extra_bytes(self) -> int:
+        return self._bytes
+
+    def run(self, x: torch.Tensor, oh: int, ow: int) -> torch.Tensor:
+        return torch.from_numpy(self._sess.run(None, {"x": x.numpy()})[0])
+
+
+class DequantLinear(RuntimeLayer):
+    """Linear with the weights dequantized to fp32 once and the input fake-quantized."""
+
+    impl = "dequant"
+
+    def __init__(self, form: QuantForm, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.rows, self.cols = form.weight.shape
+        self.activations = form.activations
+        self.register_buffer("weight", form.dequantized(), persistent=False)
+        self.register_buffer("bias", bias, persistent=False)
+        self.register_buffer("sx", torch.tensor([form.input_scale]), persistent=False)
+        self.register_buffer("zp", torch.tensor([float(form.input_zero_point)]),
+                             persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.linear_input(x, self.cols)
+        if self.activations:
+            x = fake_quantize_input(x, self.sx, self.zp)
+        return F.linear(x, self.weight, self.bias)
+
+
+class DequantConv2d(_ConvBase):
+    """Conv2d with the weights dequantized to fp32 once and the input fake-quantized."""
+
+    impl = "dequant"
+
+    def __init__(self, form: QuantForm, bias: torch.Tensor | None,
+                 geometry: ConvGeometry) -> None:
+        super().__init__(geometry, bias)
+        self.activations = form.activations
+        self.register_buffer("weight", form.dequantized(), persistent=False)
+        self.register_buffer("sx", torch.tensor([form.input_scale]), persistent=False)
+        self.register_buffer("zp", torch.tensor([float(form.input_zero_point)]),
+                             persistent=False)
+
+    def run(self, x: torch.Tensor, oh: int, ow: int) -> torch.Tensor:
+        if self.activations:
+            x = fake_quantize_input(x, self.sx, self.zp)
+        return self._conv(x, self.weight)
+
+
+def _geometry(module: nn.Module) -> ConvGeometry:
+    assert isinstance(module, QuantConv2d)
+    return ConvGeometry(module.in_channels, module.out_channels, tuple(module.kernel_size),
+                        tuple(module.stride), tuple(module.padding), tuple(module.dilation),
+                        module.groups)
+
+
+def _ort_ok(form: Any, module: nn.Module) -> bool:
+    if not isinstance(form, QuantForm) or not form.activations:
+        return False
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _is_form(form: Any, module: nn.Module) -> bool:
+    return isinstance(form, QuantForm)
+
+
+register_layer_form(QuantLinear, read_quantized)
+register_layer_form(QuantConv2d, read_quantized)
+register_impl(QuantLinear, Impl("int8-ort", lambda f, b, m: OrtQuantLinear(f, b), _ort_ok,
+                                True))
+register_impl(QuantLinear, Impl("dequant", lambda f, b, m: DequantLinear(f, b), _is_form, False))
+register_impl(QuantConv2d, Impl("int8-ort", lambda f, b, m: OrtQuantConv2d(f, b, _geometry(m)),
+                                _ort_ok, True))
+register_impl(QuantConv2d, Impl("dequant", lambda f, b, m: DequantConv2d(f, b, _geometry(m)),
+                                _is_form, False))
