@@ -526,23 +526,37 @@ def bench(
 @app.command()
 def export(
     model_file: Annotated[Path, typer.Argument(help="A .dsq file (or a model.pt).")],
-    out: Annotated[Path, typer.Option(help="The .onnx file to write.")],
+    out: Annotated[Path | None, typer.Option(
+        help="The .onnx file to write (default: the model file's name with .onnx, "
+             "-int8.onnx with --int8).")] = None,
+    format: Annotated[str, typer.Option(
+        "--format", help="Output format: onnx.")] = "onnx",
+    int8: Annotated[bool, typer.Option(
+        "--int8", help="Write the quantized layers as int8 QDQ (int8 weights + per-channel "
+                       "scales, uint8 inputs) that onnxruntime runs in integers.")] = False,
     model_code: ModelCode = None,
     model_args: ModelArgs = None,
 ) -> None:
-    """Export a model to ONNX (opset 17, dynamic batch), its weights decoded to dense fp32."""
+    """Export a model to ONNX (opset 17, dynamic batch): weights decoded to dense fp32, or with
+    --int8 the quantized layers as int8 QDQ."""
     from deepsqueeze.outputs import check_output_file
     from deepsqueeze.runtime.onnx_export import export_onnx
 
+    if format.lower() != "onnx":
+        raise OptionError(f"--format {format!r} is not supported; the only format is onnx")
+    if out is None:
+        out = model_file.with_name(model_file.stem + ("-int8.onnx" if int8 else ".onnx"))
     check_output_file(out, inputs=[model_file])  # before the user's code runs
     skeleton = _user_model(model_code, model_args)
     with _code_hint(model_code):
-        data = export_onnx(model_file, out, model=skeleton)
+        data = export_onnx(model_file, out, model=skeleton, int8=int8)
     import onnx
 
     graph = onnx.load_from_string(data).graph
     inputs = ", ".join(f"'{i.name}'" for i in graph.input if i.name.startswith("input"))
-    console.print(f"{out}: {len(data):,} bytes (ONNX opset 17, input {inputs}, output 'logits')")
+    kind = ", int8 QDQ" if int8 else ""
+    console.print(f"{out}: {len(data):,} bytes (ONNX opset 17{kind}, input {inputs}, "
+                  "output 'logits')")
 
 
 @app.command("models")

@@ -72,6 +72,7 @@ class QuantizedLayer(nn.Module):
         self.observing = False
         self.ema: float | None = None  # None: running min/max; else the EMA momentum
         self.observed: tuple[float, float] | None = None
+        self.export_int8 = False  # set by the ONNX exporter: weights as int8 + DequantizeLinear
 
     @property
     def qmax(self) -> int:
@@ -122,6 +123,10 @@ class QuantizedLayer(nn.Module):
         return fake_quantize_input(x, self.input_scale, self.input_zero_point)
 
     def _weight(self) -> torch.Tensor:
+        if self.export_int8 and torch.onnx.is_in_onnx_export():  # int8 weights, per channel
+            zero = torch.zeros(self.weight.shape[0], dtype=torch.int32)
+            return torch.fake_quantize_per_channel_affine(
+                self.dequantized_weight(), self.weight_scale, zero, 0, -128, 127)
         return self.dequantized_weight()
 
     def integer_weight(self) -> torch.Tensor:

@@ -61,7 +61,8 @@ def _inputs_for(model: nn.Module, example_inputs: Any) -> tuple[torch.Tensor, ..
 
 def export_onnx(source: nn.Module | str | Path, out: str | Path | None = None,
                 opset: int = OPSET, *, model: nn.Module | None = None,
-                example_inputs: torch.Tensor | tuple[torch.Tensor, ...] | None = None) -> bytes:
+                example_inputs: torch.Tensor | tuple[torch.Tensor, ...] | None = None,
+                int8: bool = False) -> bytes:
     """Export a model (or a .dsq / model.pt file, decoded dense) to ONNX; returns the bytes and
     writes them to ``out`` when given (checked first: :class:`OutputPathError` when ``out`` is
     a folder, cannot be written, or is the ``source`` file).
@@ -69,7 +70,13 @@ def export_onnx(source: nn.Module | str | Path, out: str | Path | None = None,
     Any ``nn.Module``: a file of the user's own model loads from its graph or into ``model``
     (an instance of its class); it is traced with ``example_inputs`` (default: the zoo input
     shape, or the inputs the file records). One input is named ``input``; several ``input0``,
-    ``input1``, ...; the output ``logits``; the batch axis is dynamic."""
+    ``input1``, ...; the output ``logits``; the batch axis is dynamic.
+
+    ``int8``: the quantized layers (``quantize`` / ``qat``) are written in QDQ form: their
+    weights as int8 initializers with per-channel scales (``DequantizeLinear``, axis 0), their
+    inputs through ``QuantizeLinear`` + ``DequantizeLinear`` (uint8, per tensor), which
+    onnxruntime runs with its integer kernels. A model without quantized layers is an error.
+    Without ``int8`` the quantized layers' weights are written dequantized (fp32)."""
     if out is not None:
         from deepsqueeze.outputs import check_output_file
 
@@ -82,6 +89,15 @@ def export_onnx(source: nn.Module | str | Path, out: str | Path | None = None,
     else:
         net = source
     net = net.cpu().eval()
+    quantized = _quantized_layers(net)
+    if int8 and not quantized:
+        from deepsqueeze.errors import ModelError
+
+        raise ModelError(
+            "--int8: the model has no quantized layer; compress it with a quantize or qat "
+            "stage first (e.g. recipes/int8-lenet300.yaml)")
+    for layer in quantized:
+        layer.export_int8 = int8
     xs = _inputs_for(net, example_inputs)
     names = [INPUT_NAME] if len(xs) == 1 else [f"{INPUT_NAME}{i}" for i in range(len(xs))]
     buf = io.BytesIO()
@@ -92,7 +108,11 @@ def export_onnx(source: nn.Module | str | Path, out: str | Path | None = None,
             input_names=names, output_names=[OUTPUT_NAME],
             dynamic_axes={**{n: {0: "batch"} for n in names}, OUTPUT_NAME: {0: "batch"}},
         )
+    for layer in quantized:
+        layer.export_int8 = False
     data = buf.getvalue()
+    if int8:
+        data = _int8_initializers(data)
     if out is not None:
         from deepsqueeze.io import atomic_write
 
@@ -111,3 +131,61 @@ def onnx_session(model: bytes | str | Path, threads: int | None = None) -> Any:
     opts.log_severity_level = 3
     src = model if isinstance(model, bytes) else str(model)
     return ort.InferenceSession(src, sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def _quantized_layers(net: nn.Module) -> list[Any]:
+    from deepsqueeze.models.quantized import QuantizedLayer
+
+    return [m for m in net.modules() if isinstance(m, QuantizedLayer)]
+
+
+def _int8_initializers(data: bytes) -> bytes:
+    """Replace every ``QuantizeLinear`` of a constant weight by its int8 initializer (the
+    exporter writes the weight in fp32 followed by QuantizeLinear; the result feeds the
+    DequantizeLinear straight from int8 values), and check the model."""
+    import numpy as np
+
+    onnx = _require("onnx")
+    from onnx import numpy_helper
+
+    model = onnx.load_from_string(data)
+    graph = model.graph
+    consts: dict[str, np.ndarray] = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    const_nodes = {}
+    for node in graph.node:
+        if node.op_type == "Constant" and len(node.output) == 1:
+            for attr in node.attribute:
+                if attr.name == "value":
+                    consts[node.output[0]] = numpy_helper.to_array(attr.t)
+                    const_nodes[node.output[0]] = node
+    drop = []
+    for node in graph.node:
+        if node.op_type != "QuantizeLinear" or node.input[0] not in consts:
+            continue
+        w = consts[node.input[0]].astype(np.float32)
+        scale = consts[node.input[1]].astype(np.float32)
+        zp = consts[node.input[2]] if len(node.input) > 2 else np.zeros((), np.uint8)
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        if scale.ndim == 1 and w.ndim > 1:
+            shape = [1] * w.ndim
+            shape[axis] = -1
+            scale_b, zp_b = scale.reshape(shape), zp.astype(np.int32).reshape(shape)
+        else:
+            scale_b, zp_b = scale, zp.astype(np.int32)
+        info = np.iinfo(zp.dtype)
+        q = np.clip(np.rint(w / scale_b) + zp_b, info.min, info.max).astype(zp.dtype)
+        name = node.output[0]
+        graph.initializer.append(numpy_helper.from_array(q, name))
+        drop.append(node)
+    for node in drop:
+        graph.node.remove(node)
+    used = {i for n in graph.node for i in n.input}
+    for name, node in const_nodes.items():
+        if name not in used:
+            graph.node.remove(node)
+    keep = [i for i in graph.initializer if i.name in used or i.name in
+            {o.name for o in graph.output}]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
