@@ -60,6 +60,7 @@ __all__ = [
     "circulant_matrix",
     "hash_index",
     "index_check",
+    "input_signs",
     "sign_of",
     "xxh32_pairs",
 ]
