@@ -15,7 +15,7 @@ from torch import nn
 import deepsqueeze
 from deepsqueeze import dsq, models
 from deepsqueeze.codec.container import dsq_bytes, parse_dsq
-from deepsqueeze.errors import DsqFormatError, ModelError, RecipeError
+from deepsqueeze.errors import DsqFormatError, ModelError, RecipeError, RuntimeInputError
 from deepsqueeze.methods import create_method, select_layers
 from deepsqueeze.methods import low_rank as LR
 from deepsqueeze.methods.pruning import get_mask
@@ -340,7 +340,7 @@ def _conv_file(tmp_path: Path) -> Path:
 @pytest.mark.parametrize("change, message", [
     (lambda m: m["modules"]["fc1"]["config"].update(rank=0), "rank"),
     (lambda m: m["modules"]["fc1"]["config"].update(rank=1 << 40), "rank"),
-    (lambda m: m["modules"]["fc1"]["config"].update(rank=5), "does not fit the layer's"),
+    (lambda m: m["modules"]["fc1"]["config"].update(rank=5), "not fit"),
     (lambda m: m["modules"]["conv2"]["config"].update(rank_in=4), "does not fit the layer's"),
     (lambda m: m["modules"]["conv2"]["config"].update(rank_out=-1), "rank_out"),
     (lambda m: m["modules"]["conv2"]["config"].update(kernel_size=[5, 5, 5]), "kernel_size"),
@@ -367,3 +367,27 @@ def test_a_lenet300_slr_file_runs_in_the_runtime(tmp_path: Path) -> None:
     with torch.no_grad():
         torch.testing.assert_close(load_runtime(path, cache=False)(x), model(x),
                                    atol=1e-4, rtol=1e-4)
+
+
+def test_runtime_times_factors_against_the_multiplied_out_product(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = models.create("lenet300")
+    _apply(model, "svd", rank={"fc1": 8, "fc2": 90}, layers=["fc1", "fc2"])
+    model.eval()
+    path = tmp_path / "f.dsq"
+    dsq.save(model, path)
+    x = torch.randn(5, 784)
+    for impl in ("factors", "product"):
+        rt = load_runtime(path, cache=False, impls={"fc1": impl, "fc2": impl})
+        with torch.no_grad():
+            torch.testing.assert_close(rt(x), model(x), atol=1e-4, rtol=1e-4)
+            assert rt(torch.empty(0, 784)).shape == (0, 10)
+        assert {c.layer: c.impl for c in runtime_info(rt).layers}["fc1"] == impl
+        with pytest.raises(RuntimeInputError, match="784 features"):
+            rt.fc1(torch.randn(2, 783))
+    tuned = runtime_info(load_runtime(path, cache=False, memory_budget=None))
+    choices = {c.layer: c for c in tuned.layers}
+    assert set(choices["fc1"].time_us) == {"factors", "product"}
+    # the 2x-file budget leaves room for fc1's product only if it is tiny: rank 8 keeps factors
+    assert {c.layer: c.impl for c in runtime_info(load_runtime(path, cache=False)).layers}[
+        "fc1"] == "factors"

@@ -447,6 +447,7 @@ class SparseSVD(Method):
         super().__init__(**params)
         self.report: dict[str, dict[str, Any]] = {}
         self._data: tuple[Any, torch.Tensor, LossFn] | None = None
+        self._scores: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def set_data(self, inputs: Any, targets: torch.Tensor, loss_fn: LossFn | None = None,
                  batch_size: int = 500) -> SparseSVD:
@@ -460,6 +461,12 @@ class SparseSVD(Method):
             )
         self._data = (inputs, targets, loss_fn or F.cross_entropy)
         self._batch = batch_size
+        return self
+
+    def set_scores(self, scores: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> SparseSVD:
+        """Importance scores measured beforehand (``{layer: (out_scores, in_scores)}``, e.g. by
+        :func:`activation_importance` once for several runs); used instead of measuring."""
+        self._scores = {n: (o.detach().cpu(), i.detach().cpu()) for n, (o, i) in scores.items()}
         return self
 
     def _calibration(self) -> tuple[Any, torch.Tensor, LossFn, int]:
@@ -488,7 +495,18 @@ class SparseSVD(Method):
         for name, mod in layers.items():
             _check_plain(mod, name, self.name)
         rules = _layer_rule(p, list(layers), self.name)
-        if p.importance == "weight":
+        if self._scores is not None:
+            scores = self._scores
+            for name, mod in layers.items():
+                assert isinstance(mod, nn.Linear)
+                got = scores.get(name)
+                if got is None or got[0].shape != (mod.out_features,) or got[1].shape != (
+                        mod.in_features,):
+                    raise ModelError(
+                        f"sparse-svd: set_scores gives no (out, in) scores of shapes "
+                        f"({mod.out_features},), ({mod.in_features},) for layer {name!r}"
+                    )
+        elif p.importance == "weight":
             scores = {n: weight_importance(m.weight) for n, m in layers.items()}
         else:
             inputs, targets, loss_fn, batch = self._calibration()
