@@ -73,7 +73,8 @@ def export_onnx(source: nn.Module | str | Path, out: str | Path | None = None,
     ``input1``, ...; the output ``logits``; the batch axis is dynamic.
 
     ``int8``: the quantized layers (``quantize`` / ``qat``) are written in QDQ form: their
-    weights as int8 initializers with per-channel scales (``DequantizeLinear``, axis 0), their
+    8-bit weights as initializers with per-channel scales (``DequantizeLinear``, axis 0; held as
+    uint8 ``q + 128`` with zero point 128, see :func:`_int8_initializers`), their
     inputs through ``QuantizeLinear`` + ``DequantizeLinear`` (uint8, per tensor), which
     onnxruntime runs with its integer kernels. A model without quantized layers is an error.
     Without ``int8`` the quantized layers' weights are written dequantized (fp32)."""
@@ -175,6 +176,17 @@ def _int8_initializers(data: bytes) -> bytes:
         info = np.iinfo(zp.dtype)
         q = np.clip(np.rint(w / scale_b) + zp_b, info.min, info.max).astype(zp.dtype)
         name = node.output[0]
+        if zp.dtype == np.int8 and not zp.any():
+            # symmetric int8 weights written as uint8 q + 128 with zero point 128: the same
+            # 8-bit values, but onnxruntime's uint8 x int8 AVX2 kernels (no VNNI) add pairs of
+            # products in int16 and saturate, its uint8 x uint8 kernels do not
+            q = (q.astype(np.int16) + 128).astype(np.uint8)
+            zp_name = f"{name}_zero_point"
+            graph.initializer.append(
+                numpy_helper.from_array(np.full(zp.shape, 128, np.uint8), zp_name))
+            for user in graph.node:
+                if user.op_type == "DequantizeLinear" and user.input[0] == name:
+                    user.input[2] = zp_name
         graph.initializer.append(numpy_helper.from_array(q, name))
         drop.append(node)
     for node in drop:

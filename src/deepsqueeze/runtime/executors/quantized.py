@@ -6,8 +6,10 @@ layer. Two executors run it, the autotuner keeps the faster:
 
 ``int8-ort``
     integer arithmetic in onnxruntime: ``QuantizeLinear`` of the input (uint8), ``MatMulInteger``
-    (Linear) or ``ConvInteger`` (Conv2d) against the int8 weights (int32 accumulation), then one
-    fp32 multiply by ``input_scale * weight_scale[c]`` and the bias. Holds 1 byte per weight.
+    (Linear) or ``ConvInteger`` (Conv2d) against the weights (held as uint8 ``q + 128`` with
+    zero point 128: onnxruntime's uint8 x int8 AVX2 kernels saturate pairs of products in int16),
+    int32 accumulation, then one fp32 multiply by ``input_scale * weight_scale[c]`` and the
+    bias. Holds 1 byte per weight.
     Only for layers whose inputs are quantized.
 ``dequant``
     the weights dequantized to fp32 once (``q * weight_scale``), the input fake-quantized, then
@@ -126,19 +128,23 @@ def _integer_graph(form: QuantForm, bias: torch.Tensor | None, conv: ConvGeometr
 
     out = form.weight.shape[0]
     mul = (np.float32(form.input_scale) * form.weight_scale).astype(np.float32)
+    # weights as uint8 with zero point 128: onnxruntime's uint8 x int8 kernels on AVX2 (without
+    # VNNI) add pairs of products in int16 and saturate; its uint8 x uint8 path does not
+    w_u8 = (form.weight.astype(np.int16) + 128).astype(np.uint8)
     inits = [numpy_helper.from_array(np.array(form.input_scale, np.float32), "sx"),
-             numpy_helper.from_array(np.array(form.input_zero_point, np.uint8), "zp")]
+             numpy_helper.from_array(np.array(form.input_zero_point, np.uint8), "zp"),
+             numpy_helper.from_array(np.array(128, np.uint8), "wzp")]
     if conv is None:
-        inits += [numpy_helper.from_array(np.ascontiguousarray(form.weight.T), "w"),
+        inits += [numpy_helper.from_array(np.ascontiguousarray(w_u8.T), "w"),
                   numpy_helper.from_array(mul, "mul")]
-        core = helper.make_node("MatMulInteger", ["xq", "w", "zp"], ["yi"])
+        core = helper.make_node("MatMulInteger", ["xq", "w", "zp", "wzp"], ["yi"])
         x_shape: list[Any] = ["n", form.weight.shape[1]]
         bshape: tuple[int, ...] = (out,)
     else:
-        inits += [numpy_helper.from_array(form.weight, "w"),
+        inits += [numpy_helper.from_array(w_u8, "w"),
                   numpy_helper.from_array(mul.reshape(1, out, 1, 1), "mul")]
         ph, pw = conv.padding
-        core = helper.make_node("ConvInteger", ["xq", "w", "zp"], ["yi"],
+        core = helper.make_node("ConvInteger", ["xq", "w", "zp", "wzp"], ["yi"],
                                 pads=[ph, pw, ph, pw], strides=list(conv.stride),
                                 dilations=list(conv.dilation), group=conv.groups,
                                 kernel_shape=list(conv.kernel_size))
@@ -180,7 +186,7 @@ class OrtQuantLinear(RuntimeLayer):
         lead = x.shape[:-1]
         if x.numel() == 0:
             return torch.empty(*lead, self.rows)
-        y = self._sess.run(None, {"x": x.reshape(-1, self.cols).numpy()})[0]
+        y = self._sess.run(None, {"x": x.detach().reshape(-1, self.cols).numpy()})[0]
         return torch.from_numpy(y).reshape(*lead, self.rows)
 
 
@@ -199,7 +205,7 @@ class OrtQuantConv2d(_ConvBase):
         return self._bytes
 
     def run(self, x: torch.Tensor, oh: int, ow: int) -> torch.Tensor:
-        return torch.from_numpy(self._sess.run(None, {"x": x.numpy()})[0])
+        return torch.from_numpy(self._sess.run(None, {"x": x.detach().numpy()})[0])
 
 
 class DequantLinear(RuntimeLayer):
