@@ -17,6 +17,12 @@ The HashNet rows are also saved as .dsq and reloaded (file bytes and the file's 
 the 10,000 test images report. Writes benchmarks/results/hashednets.json.
 
     python benchmarks/hashednets.py --epochs 10
+    python benchmarks/hashednets.py --recipe [--baseline model.pt]   # recipes/hashed-lenet300
+    python benchmarks/hashednets.py --runtime    # executors of a hashed 1000x784 layer
+
+``--recipe`` runs the shipped recipe on a trained lenet300 (benchmarks/baselines.py's, or
+``--baseline``), then loads the file in the runtime (every executor of every compressed layer
+checked against the dense decoding) and writes benchmarks/results/hashednets_recipe.json.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from deepsqueeze.io import atomic_write
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "hashednets.json"
+RECIPE = ROOT / "recipes" / "hashed-lenet300.yaml"
 IN, HID, OUT = 784, 1000, 10
 VIRTUAL = IN * HID + HID * OUT
 
@@ -167,13 +174,116 @@ def file_round_trip(model: nn.Module, data: tuple[torch.Tensor, ...]) -> dict[st
                     round(100 * (1 - accuracy(loaded, data[4], data[5])), 2)}
 
 
+def run_recipe(recipe: Path, baseline: Path | None, out: Path,
+               label: str | None = None) -> dict[str, Any]:
+    """Compress a trained lenet300 with ``recipe``; runtime executors checked; JSON to ``out``."""
+    import deepsqueeze
+    from deepsqueeze.runtime import load_runtime, runtime_info
+
+    if baseline is None:
+        import sys
+
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        from baselines import ensure_baseline
+
+        baseline = ensure_baseline("lenet300", "mnist")
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.dsq"
+        result = deepsqueeze.compress(baseline, recipe, out=path, progress=False)
+        seconds = time.perf_counter() - t0
+        dense = dsq.load(path)
+        x = torch.randn(64, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+        layers = runtime_info(load_runtime(path, autotune=False)).layers
+        executors = {}
+        for c in layers:
+            for impl in c.held_bytes:
+                rt = load_runtime(path, autotune=False, impls={c.layer: impl})
+                with torch.inference_mode():
+                    err = float((rt(x) - dense(x)).abs().max())
+                executors[f"{c.layer}:{impl}"] = {"max_abs_diff_vs_dense_decoding": err,
+                                                  "held_bytes": c.held_bytes[impl]}
+        tuned = runtime_info(load_runtime(path, autotune=True, cache=False))
+    report = result.file_report.to_dict()
+    record = {
+        "recipe": label or str(recipe.relative_to(ROOT)),
+        "baseline": baseline.name,
+        "baseline_accuracy": result.baseline_accuracy,
+        "file_accuracy": result.file_accuracy,
+        "file_bytes": report.get("file_bytes"),
+        "compression": report.get("compression"),
+        "stage_accuracy": {s.stage: s.test_accuracy for s in result.stages},
+        "runtime_executors": executors,
+        "autotuned": {"held_bytes": tuned.held_bytes, "file_bytes": tuned.file_bytes,
+                      "choice": {c.layer: c.impl for c in tuned.layers}},
+        "threads": torch.get_num_threads(),
+        "seconds": round(seconds, 1),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(out, "w") as fh:
+        json.dump(record, fh, indent=2)
+    print(json.dumps({k: v for k, v in record.items() if k != "runtime_executors"}, indent=1))
+    return record
+
+
+def runtime_timing(rounds: int) -> dict[str, Any]:
+    """Each executor of a hashed 1000 × 784 layer at 1/8 and 1/64, batch 1 and 64: calls
+    interleaved, median per-call time, held bytes; ratios against ``dense``."""
+    from deepsqueeze.models.hashed import HashedLinear
+    from deepsqueeze.runtime.executors.hashed import HashedForm
+    from deepsqueeze.runtime.layers import IMPLS
+
+    rows = []
+    for factor in (1 / 8, 1 / 64):
+        k = round(HID * IN * factor)
+        g = torch.Generator().manual_seed(k)
+        form = HashedForm(HID, IN, torch.randn(k, generator=g) * 0.03, 12345)
+        bias = torch.randn(HID, generator=g)
+        module = HashedLinear(IN, HID, k, 12345, device="meta")
+        execs = {i.name: i.build(form, bias, module).eval() for i in IMPLS[HashedLinear]
+                 if i.accepts(form, module)}
+        for batch in (1, 64):
+            x = torch.randn(batch, IN, generator=g)
+            times: dict[str, list[float]] = {n: [] for n in execs}
+            with torch.inference_mode():
+                ref = execs["dense"](x)
+                for ex in execs.values():
+                    torch.testing.assert_close(ex(x), ref, atol=1e-4, rtol=1e-4)
+                for _ in range(rounds):
+                    for name, ex in execs.items():
+                        t0 = time.perf_counter()
+                        ex(x)
+                        times[name].append((time.perf_counter() - t0) * 1e6)
+            med = {n: sorted(t)[len(t) // 2] for n, t in times.items()}
+            row = {"layer": f"{HID}x{IN}", "factor": factor, "buckets": k, "batch": batch,
+                   "median_us": {n: round(v, 1) for n, v in med.items()},
+                   "time_vs_dense": {n: round(v / med["dense"], 2) for n, v in med.items()},
+                   "held_bytes": {n: ex.held_bytes() for n, ex in execs.items()}}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    return {"rounds": rounds, "threads": torch.get_num_threads(),
+            "machine": platform.machine(), "torch": torch.__version__, "rows": rows}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--recipe", action="store_true", help="run recipes/hashed-lenet300.yaml")
+    ap.add_argument("--baseline", type=Path, default=None, help="trained lenet300 model.pt")
+    ap.add_argument("--runtime", action="store_true", help="time the hashed executors")
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--factors", type=float, nargs="+", default=[1 / 8, 1 / 64])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
+    if args.runtime:
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+        with atomic_write(RESULTS.with_name("hashednets_runtime.json"), "w") as fh:
+            json.dump(runtime_timing(31), fh, indent=2)
+        return
+    if args.recipe:
+        run_recipe(RECIPE, args.baseline, RESULTS.with_name("hashednets_recipe.json"))
+        return
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     data = mnist()
     e, s = args.epochs, args.seed

@@ -60,20 +60,36 @@ int dsq_hashed_xxh32(const uint32_t *pairs, int64_t n, int64_t seed, uint32_t *o
     return DSQ_HASHED_OK;
 }
 
-/* weights of rows r0..r0+nr-1, columns c0..c0+nc-1 into w[r * TC + c] */
-static void tile(int64_t r0, int nr, int64_t c0, int nc, const float *buckets, uint64_t nb,
-                 uint32_t seed, float *w) {
-    for (int r = 0; r < nr; r++) {
-        uint32_t i = (uint32_t)(r0 + r);
-        uint32_t ab = lane0(seed, i), as = lane0(seed ^ SIGN_SALT, i);
-        float *wr = w + (int64_t)r * TC;
-        for (int c = 0; c < nc; c++) {
-            uint32_t j = (uint32_t)(c0 + c);
-            uint32_t hb = finish(ab, j), hs = finish(as, j);
-            float v = buckets[((uint64_t)hb * nb) >> 32];
-            wr[c] = (hs >> 31) ? -v : v;
-        }
+/* the virtual weights V[i, c0 .. c0+nc-1] of row i into w[0 .. nc-1]: the two hashes in a
+   branch-free loop over plain uint32 arrays (vectorized by the compiler), then the gather; the
+   sign flips the float's sign bit */
+static void row_weights(uint32_t seed, uint32_t i, int64_t c0, int nc, const float *buckets,
+                        uint64_t nb, float *w) {
+    uint32_t hb[TC], hs[TC];
+    uint32_t ab = lane0(seed, i), as = lane0(seed ^ SIGN_SALT, i);
+    uint32_t j0 = (uint32_t)c0;
+    for (int c = 0; c < nc; c++) {
+        hb[c] = finish(ab, j0 + (uint32_t)c);
+        hs[c] = finish(as, j0 + (uint32_t)c) & 0x80000000u;
     }
+    for (int c = 0; c < nc; c++) {
+        uint32_t bits;
+        float v = buckets[((uint64_t)hb[c] * nb) >> 32];
+        memcpy(&bits, &v, sizeof bits);
+        bits ^= hs[c];
+        memcpy(&w[c], &bits, sizeof bits);
+    }
+}
+
+/* sum_c a[c] * b[c] with 8 independent partial sums (vectorizable without reassociation) */
+static inline float dot(const float *a, const float *b, int n) {
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int c = 0;
+    for (; c + 8 <= n; c += 8)
+        for (int k = 0; k < 8; k++) acc[k] += a[c + k] * b[c + k];
+    float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    for (; c < n; c++) s += a[c] * b[c];
+    return s;
 }
 
 /* y[b, i] = bias[i] + sum_j V[i, j] x[b, j] for b < n; x is [n, cols], y is [n, rows] */
@@ -93,16 +109,13 @@ int dsq_hashed_linear(int64_t rows, int64_t cols, const float *buckets, int64_t 
         int nr = (int)(rows - r0 < RB ? rows - r0 : RB);
         for (int64_t c0 = 0; c0 < cols; c0 += TC) {
             int nc = (int)(cols - c0 < TC ? cols - c0 : TC);
-            tile(r0, nr, c0, nc, buckets, (uint64_t)nbuckets, (uint32_t)seed, w);
+            for (int r = 0; r < nr; r++)
+                row_weights((uint32_t)seed, (uint32_t)(r0 + r), c0, nc, buckets,
+                            (uint64_t)nbuckets, w + (int64_t)r * TC);
             for (int64_t b = 0; b < n; b++) {
                 const float *xb = x + b * cols + c0;
                 float *yb = y + b * rows + r0;
-                for (int r = 0; r < nr; r++) {
-                    const float *wr = w + (int64_t)r * TC;
-                    float acc = 0.0f;
-                    for (int c = 0; c < nc; c++) acc += wr[c] * xb[c];
-                    yb[r] += acc;
-                }
+                for (int r = 0; r < nr; r++) yb[r] += dot(w + (int64_t)r * TC, xb, nc);
             }
         }
     }
@@ -115,16 +128,9 @@ int dsq_hashed_densify(int64_t rows, int64_t cols, const float *buckets, int64_t
     int64_t size;
     if (!layer_args_ok(rows, cols, buckets, nbuckets, seed) || !out) return DSQ_HASHED_EINVAL;
     if (!mul_ok(rows, cols, &size) || size != out_floats) return DSQ_HASHED_ESIZE;
-    uint64_t nb = (uint64_t)nbuckets;
-    uint32_t s = (uint32_t)seed;
-    for (int64_t i = 0; i < rows; i++) {
-        uint32_t ab = lane0(s, (uint32_t)i), as = lane0(s ^ SIGN_SALT, (uint32_t)i);
-        float *row = out + i * cols;
-        for (int64_t j = 0; j < cols; j++) {
-            uint32_t hb = finish(ab, (uint32_t)j), hs = finish(as, (uint32_t)j);
-            float v = buckets[((uint64_t)hb * nb) >> 32];
-            row[j] = (hs >> 31) ? -v : v;
-        }
-    }
+    for (int64_t i = 0; i < rows; i++)
+        for (int64_t c0 = 0; c0 < cols; c0 += TC)
+            row_weights((uint32_t)seed, (uint32_t)i, c0, (int)(cols - c0 < TC ? cols - c0 : TC),
+                        buckets, (uint64_t)nbuckets, out + i * cols + c0);
     return DSQ_HASHED_OK;
 }
