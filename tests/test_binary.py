@@ -22,6 +22,7 @@ from deepsqueeze.errors import DsqFormatError, ModelError, RecipeError, RuntimeI
 from deepsqueeze.methods.base import create_method, select_layers
 from deepsqueeze.models.binary import (
     BinaryLinear,
+    fold_batchnorm,
     from_float,
     is_training_form,
     sign,
@@ -316,6 +317,36 @@ def test_runtime_executor_input_checks(lenet300_file):
     torch.testing.assert_close(layer(x), layer(x.contiguous()))
     assert layer(torch.zeros(0, 784)).shape == (0, 300)
     assert layer.held_bytes() < 784 * 300 / 8 + 8 * 300 + 64 * 300
+
+
+@pytest.mark.parametrize(("name", "kwargs"), [
+    ("bnn-mlp", {"hidden": 48, "binary_activations": False, "binary_first": False}),
+    ("bnn-mlp", {"hidden": 48, "scaled": True}),
+    ("binary-lenet5", {"binary_activations": True, "binary_last": False}),
+])
+def test_fold_batchnorm_is_exact_and_smaller(tmp_path, name, kwargs):
+    torch.manual_seed(2)
+    net = models.create(name, **kwargs).train()
+    net(_rand(32, 1, 28, 28))
+    with torch.no_grad():  # negative BatchNorm scales too: the folded scale takes the sign
+        for m in net.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.weight.uniform_(-1, 1)
+                m.bias.uniform_(-1, 1)
+    net.eval()
+    folded = fold_batchnorm(net)
+    assert models.spec_of(folded).kwargs["folded"] is True
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in folded.modules())
+    x = _rand(6, 1, 28, 28, seed=3)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), net(x), rtol=1e-4, atol=1e-4)
+        a, b = save(net, tmp_path / "bn.dsq"), save(folded, tmp_path / "folded.dsq")
+        assert b.file_bytes < a.file_bytes
+        torch.testing.assert_close(load(tmp_path / "folded.dsq")(x), folded(x))
+        rt = load_runtime(tmp_path / "folded.dsq")
+        torch.testing.assert_close(rt(x), folded(x), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ModelError, match="unfolded"):
+        fold_batchnorm(folded)
 
 
 # ------------------------------------------------------------------------------ hostile files

@@ -52,6 +52,7 @@ __all__ = [
     "SignWeight",
     "binarize_input",
     "binary_layers",
+    "fold_batchnorm",
     "from_float",
     "is_training_form",
     "sign",
@@ -339,12 +340,14 @@ class BinaryMLP(nn.Module):
     ``binary_activations`` every hidden layer's output is binarized (sign, hardtanh STE) as the
     next layer's input, else ReLU (BinaryConnect). The output layer is followed by BatchNorm as
     in the paper. ``binary_first`` / ``binary_last``: binary weights in the first / last layer
-    (real otherwise). ``scaled``: XNOR-Net's per-channel scales. Built in training form."""
+    (real otherwise). ``scaled``: XNOR-Net's per-channel scales. Built in training form;
+    ``folded``: the inference form :func:`fold_batchnorm` makes (BatchNorm folded into each
+    layer's scale and bias, the norms identities)."""
 
     def __init__(self, num_classes: int = 10, in_features: int = 784, hidden: int = 2048,
                  depth: int = 3, binary_activations: bool = True, scaled: bool = False,
                  binary_first: bool = True, binary_last: bool = True,
-                 dropout: float = 0.0) -> None:
+                 dropout: float = 0.0, folded: bool = False) -> None:
         super().__init__()
         self.binary_activations = binary_activations
         widths = [in_features] + [hidden] * depth + [num_classes]
@@ -352,14 +355,17 @@ class BinaryMLP(nn.Module):
         norms: list[nn.Module] = []
         for i in range(depth + 1):
             binary = (binary_first or i > 0) and (binary_last or i < depth)
-            if binary:
-                layer: nn.Module = _fresh(BinaryLinear(
+            if binary and folded:
+                layer: nn.Module = BinaryLinear(widths[i], widths[i + 1], bias=True, scaled=True,
+                                                binary_input=binary_activations and i > 0)
+            elif binary:
+                layer = _fresh(BinaryLinear(
                     widths[i], widths[i + 1], bias=False, scaled=scaled,
                     binary_input=binary_activations and i > 0))
             else:
-                layer = nn.Linear(widths[i], widths[i + 1], bias=False)
+                layer = nn.Linear(widths[i], widths[i + 1], bias=folded)
             layers.append(layer)
-            norms.append(nn.BatchNorm1d(widths[i + 1]))
+            norms.append(nn.Identity() if folded else nn.BatchNorm1d(widths[i + 1]))
         self.layers = nn.ModuleList(layers)
         self.norms = nn.ModuleList(norms)
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -379,14 +385,17 @@ class BinaryMLP(nn.Module):
 
 
 class BinaryLeNet5(nn.Module):
-    """Caffe's LeNet-5 (20-50-500) with binary weights: conv -> maxpool -> BatchNorm -> act,
+    """Caffe's LeNet-5 (20-50-500) with binary weights: conv -> BatchNorm -> maxpool -> act,
     fc1 -> BatchNorm -> act, fc2 -> BatchNorm. ``binary_activations``: every layer after the
     first gets binarized inputs (BNN), else ReLU (BinaryConnect). ``binary_first`` /
-    ``binary_last``: binary weights in conv1 / fc2. Built in training form."""
+    ``binary_last``: binary weights in conv1 / fc2. Built in training form; ``folded``: the
+    inference form of :func:`fold_batchnorm`. (BatchNorm before the pooling, so that it folds
+    into the convolution whatever the sign of its scale.)"""
 
     def __init__(self, num_classes: int = 10, in_channels: int = 1, input_size: int = 28,
                  binary_activations: bool = False, scaled: bool = True,
-                 binary_first: bool = True, binary_last: bool = True) -> None:
+                 binary_first: bool = True, binary_last: bool = True,
+                 folded: bool = False) -> None:
         super().__init__()
         size = (input_size - 4) // 2
         size = (size - 4) // 2
@@ -398,29 +407,36 @@ class BinaryLeNet5(nn.Module):
 
         def conv(i: int, o: int, binary: bool, bin_in: bool) -> nn.Module:
             if not binary:
-                return nn.Conv2d(i, o, 5, bias=False)
+                return nn.Conv2d(i, o, 5, bias=folded)
+            if folded:
+                return BinaryConv2d(i, o, 5, bias=True, scaled=True, binary_input=bin_in)
             return _fresh(BinaryConv2d(i, o, 5, bias=False, scaled=scaled, binary_input=bin_in))
 
         def fc(i: int, o: int, binary: bool, bin_in: bool) -> nn.Module:
             if not binary:
-                return nn.Linear(i, o, bias=False)
+                return nn.Linear(i, o, bias=folded)
+            if folded:
+                return BinaryLinear(i, o, bias=True, scaled=True, binary_input=bin_in)
             return _fresh(BinaryLinear(i, o, bias=False, scaled=scaled, binary_input=bin_in))
 
+        def norm(kind: type[nn.Module], c: int) -> nn.Module:
+            return nn.Identity() if folded else kind(c)
+
         self.conv1 = conv(in_channels, 20, binary_first, False)
-        self.bn1 = nn.BatchNorm2d(20)
+        self.bn1 = norm(nn.BatchNorm2d, 20)
         self.conv2 = conv(20, 50, True, b)
-        self.bn2 = nn.BatchNorm2d(50)
+        self.bn2 = norm(nn.BatchNorm2d, 50)
         self.fc1 = fc(50 * size * size, 500, True, b)
-        self.bn3 = nn.BatchNorm1d(500)
+        self.bn3 = norm(nn.BatchNorm1d, 500)
         self.fc2 = fc(500, num_classes, binary_last, b)
-        self.bn4 = nn.BatchNorm1d(num_classes)
+        self.bn4 = norm(nn.BatchNorm1d, num_classes)
 
     def _act(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.binary_activations else F.relu(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self._act(self.bn1(F.max_pool2d(self.conv1(x), 2)))
-        x = self._act(self.bn2(F.max_pool2d(self.conv2(x), 2)))
+        x = self._act(F.max_pool2d(self.bn1(self.conv1(x)), 2))
+        x = self._act(F.max_pool2d(self.bn2(self.conv2(x)), 2))
         x = self._act(self.bn3(self.fc1(torch.flatten(x, 1))))
         if self.binary_activations and not isinstance(self.fc2, BinaryLinear):
             x = sign_ste(x)
@@ -435,7 +451,7 @@ class BinaryLeNet5(nn.Module):
 )
 def bnn_mlp(num_classes: int = 10, in_features: int = 784, hidden: int = 2048, depth: int = 3,
             binary_activations: bool = True, scaled: bool = False, binary_first: bool = True,
-            binary_last: bool = True, dropout: float = 0.0) -> BinaryMLP:
+            binary_last: bool = True, dropout: float = 0.0, folded: bool = False) -> BinaryMLP:
     """The BNN paper's MLP; the paper's width is 4096 (over the zoo's parameter limit as latent
     fp32 weights: 37M), the default here 2048. ``dropout`` in [0, 1)."""
     require_positive("bnn-mlp", num_classes=num_classes, in_features=in_features,
@@ -443,7 +459,7 @@ def bnn_mlp(num_classes: int = 10, in_features: int = 784, hidden: int = 2048, d
     if not 0.0 <= dropout < 1.0:
         raise ModelError(f"model 'bnn-mlp' option 'dropout' must be in [0, 1), got {dropout}")
     return BinaryMLP(num_classes, in_features, hidden, depth, binary_activations, scaled,
-                     binary_first, binary_last, dropout)
+                     binary_first, binary_last, dropout, folded)
 
 
 @register_model(
@@ -453,9 +469,65 @@ def bnn_mlp(num_classes: int = 10, in_features: int = 784, hidden: int = 2048, d
 )
 def binary_lenet5(num_classes: int = 10, in_channels: int = 1, input_size: int = 28,
                   binary_activations: bool = False, scaled: bool = True,
-                  binary_first: bool = True, binary_last: bool = True) -> BinaryLeNet5:
+                  binary_first: bool = True, binary_last: bool = True,
+                  folded: bool = False) -> BinaryLeNet5:
     """Binary LeNet-5; ``binary_activations`` binarizes the inputs of every layer after conv1."""
     require_positive("binary-lenet5", num_classes=num_classes, in_channels=in_channels,
                      input_size=input_size)
     return BinaryLeNet5(num_classes, in_channels, input_size, binary_activations, scaled,
-                        binary_first, binary_last)
+                        binary_first, binary_last, folded)
+
+
+# ------------------------------------------------------------------------------ BatchNorm folding
+
+
+def _bn_affine(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a, c) with ``bn(y) = a * y + c`` per channel in eval mode."""
+    assert isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.running_var is not None
+    a = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        a = a * bn.weight
+    c = -bn.running_mean * a
+    if bn.bias is not None:
+        c = c + bn.bias
+    return a.detach(), c.detach()
+
+
+def _folded_layer(layer: nn.Module, bn: nn.Module, into: nn.Module) -> None:
+    """Fill ``into`` (the folded layer of the same geometry) with ``bn(layer(x))``."""
+    a, c = _bn_affine(bn)
+    bias = layer.bias.detach() if getattr(layer, "bias", None) is not None else torch.zeros_like(a)
+    with torch.no_grad():
+        if isinstance(layer, BINARY_LAYERS):
+            assert isinstance(into, BINARY_LAYERS)
+            scale = layer.weight_scale if layer.weight_scale is not None else torch.ones_like(a)
+            into.weight.copy_(layer.weight.detach())
+            into.weight_scale.copy_(scale.detach() * a)  # type: ignore[union-attr]
+        else:
+            w = layer.weight.detach()
+            into.weight.copy_(w * a.view(-1, *[1] * (w.dim() - 1)))
+        into.bias.copy_(bias * a + c)  # type: ignore[union-attr]
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """The inference form of a trained ``bnn-mlp`` / ``binary-lenet5`` (a new model, eval mode):
+    every BatchNorm folded into the layer before it (a binary layer's per-channel scale and
+    bias; a real layer's weight and bias), the norms identities; its spec says ``folded``.
+    Exact up to float rounding; the latent weights are dropped (the +-1 values are kept)."""
+    from deepsqueeze.models.registry import SPEC_ATTR, ModelSpec, create, spec_of
+
+    spec = spec_of(model)
+    if spec.name not in ("bnn-mlp", "binary-lenet5") or spec.kwargs.get("folded"):
+        raise ModelError(f"fold_batchnorm folds an unfolded bnn-mlp or binary-lenet5, not "
+                         f"{spec.name} {spec.kwargs}")
+    kwargs = {**spec.kwargs, "folded": True}
+    folded = create(spec.name, **kwargs)
+    if isinstance(model, BinaryMLP):
+        pairs = [(f"layers.{i}", f"norms.{i}") for i in range(len(model.layers))]
+    else:
+        pairs = [("conv1", "bn1"), ("conv2", "bn2"), ("fc1", "bn3"), ("fc2", "bn4")]
+    for layer, bn in pairs:
+        _folded_layer(model.get_submodule(layer), model.get_submodule(bn),
+                      folded.get_submodule(layer))
+    setattr(folded, SPEC_ATTR, ModelSpec(spec.name, kwargs))
+    return folded.eval()
