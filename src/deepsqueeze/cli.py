@@ -600,6 +600,249 @@ def list_datasets(data_dir: DataDir = None) -> None:
     show(table)
 
 
+def _split_list(value: str | None) -> list[str] | None:
+    """``"prune,share"`` -> ``["prune", "share"]``; None stays None."""
+    if value is None:
+        return None
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if not items:
+        raise OptionError(f"expected a comma-separated list, got {value!r:.80}")
+    return items
+
+
+def _analysis_inputs(model_file: Path, dataset: str | None, val_size: int,
+                     data_dir: Path | None) -> tuple[Any, str, Any, Any, Any]:
+    """The model, its dataset's name and its (fit, validation, test) splits."""
+    from deepsqueeze.analysis.split import load_splits
+    from deepsqueeze.evaluation import resolve_dataset
+    from deepsqueeze.io import load_model
+
+    name = resolve_dataset(model_file, dataset)
+    model = load_model(model_file)
+    fit_set, val_set, test_set = load_splits(name, val_size,
+                                             data_dir=str(data_dir) if data_dir else None)
+    from deepsqueeze.training.run import check_fits
+
+    check_fits(model, val_set)
+    return model, name, fit_set, val_set, test_set
+
+
+def _model_label(model: Any, model_file: Path) -> str:
+    from deepsqueeze.pipeline.session import spec_or_none
+
+    spec = spec_or_none(model)
+    return spec.name if spec is not None else model_file.stem
+
+
+def _progress_printer(enabled: bool) -> Any:
+    if not enabled:
+        return None
+    return lambda msg: err_console.print(Text(printable(msg), style="dim"))
+
+
+ValSize = Annotated[int, typer.Option(
+    help="Training samples held out as the validation split every selection scores on (the "
+         "rest is what `train --subset N` trains on and fine-tuning uses; the test split only "
+         "reports).")]
+
+
+@app.command()
+def sensitivity(
+    model_file: Annotated[Path, typer.Argument(help="A trained model.pt (from `train`).")],
+    dataset: Annotated[str | None, typer.Option(
+        help="Dataset (default: the one the file records, else mnist).")] = None,
+    method: Annotated[str | None, typer.Option(
+        help="Methods to sweep, comma separated (default: every installed one; see "
+             "docs/analysis.md).")] = None,
+    layers: Annotated[str | None, typer.Option(
+        help="Layers to sweep, comma separated (default: every Linear/Conv2d).")] = None,
+    chains: Annotated[bool, typer.Option(
+        "--chains/--no-chains", help="Also sweep prune+share and prune+quantize.")] = False,
+    val_size: ValSize = 5000,
+    samples: Annotated[int | None, typer.Option(
+        help="Score on this many validation samples only (stratified).")] = None,
+    out: Annotated[Path | None, typer.Option(
+        help="Folder for sensitivity.json and sensitivity.png.")] = None,
+    data_dir: DataDir = None,
+    progress: Progress = True,
+) -> None:
+    """Each layer alone at each setting of each method: validation accuracy and real bytes."""
+    from deepsqueeze.analysis.sensitivity import sensitivity as run_sensitivity
+    from deepsqueeze.options import check_int
+    from deepsqueeze.outputs import check_output_dir
+
+    if out is not None:
+        check_output_dir(out)
+    methods = _split_list(method)
+    model, _name, _, val_set, _ = _analysis_inputs(model_file, dataset, val_size, data_dir)
+    if samples is not None:
+        check_int("--samples", samples, 1, 1 << 31)
+        if samples < len(val_set):
+            val_set = val_set.subset(samples, seed=0)
+    result = run_sensitivity(model, val_set, methods, layers=_split_list(layers), chains=chains,
+                             model_name=_model_label(model, model_file),
+                             progress=_progress_printer(progress))
+    show(result.table())
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json(out / "sensitivity.json", result.to_dict())
+        result.plot(out / "sensitivity.png")
+        console.print(f"written to {out}/sensitivity.json and {out}/sensitivity.png")
+
+
+@app.command()
+def plan(
+    model_file: Annotated[Path, typer.Argument(help="A trained model.pt (from `train`).")],
+    out: Annotated[Path, typer.Option(
+        help="Folder for recipe.yaml, model.dsq, plan.json and the sensitivity files.")],
+    target_ratio: Annotated[float | None, typer.Option(
+        help="Target: the file this many times smaller than the dense fp32 parameters.")
+    ] = None,
+    target_bytes: Annotated[int | None, typer.Option(help="Target: file bytes at most.")
+                            ] = None,
+    max_drop: Annotated[float, typer.Option(
+        help="Most validation top-1 lost, in points.")] = 0.3,
+    dataset: Annotated[str | None, typer.Option(
+        help="Dataset (default: the one the file records, else mnist).")] = None,
+    method: Annotated[str | None, typer.Option(
+        help="Methods the plan may use, comma separated (default: every installed one).")
+    ] = None,
+    epochs: Annotated[float, typer.Option(
+        help="Fine-tuning epochs of each pruning / module-replacing stage (half for "
+             "codebook stages); doubled on a round that misses the accuracy.")] = 3.0,
+    rounds: Annotated[int, typer.Option(help="Most plan -> fine-tune -> check rounds.")] = 3,
+    val_size: ValSize = 5000,
+    sensitivity_samples: Annotated[int | None, typer.Option(
+        help="Score the sensitivity sweep on this many validation samples.")] = None,
+    finetune_samples: Annotated[int | None, typer.Option(
+        help="Fine-tune on this many training samples (shorter epochs).")] = None,
+    data_dir: DataDir = None,
+    progress: Progress = True,
+) -> None:
+    """Pick per-layer methods and settings for a byte target, fine-tune, check, iterate."""
+    from deepsqueeze.analysis.planner import Finetune, TargetUnreachable
+    from deepsqueeze.analysis.planner import plan as run_plan
+    from deepsqueeze.outputs import check_output_dir
+
+    check_output_dir(out)
+    methods = _split_list(method)
+    model, name, fit_set, val_set, test_set = _analysis_inputs(model_file, dataset, val_size,
+                                                               data_dir)
+    try:
+        result = run_plan(
+            model, fit_set, val_set, out, target_ratio=target_ratio, target_bytes=target_bytes,
+            max_drop=max_drop, test_data=test_set, methods=methods,
+            finetune=Finetune(epochs=epochs), rounds=rounds,
+            model_name=_model_label(model, model_file), dataset=name,
+            sensitivity_samples=sensitivity_samples, finetune_samples=finetune_samples,
+            progress=_progress_printer(progress),
+        )
+    except TargetUnreachable as exc:
+        err_console.print(_labelled("out of reach:", "bold red", str(exc)))
+        console.print(f"numbers written to {out / 'plan.json'}")
+        raise typer.Exit(1) from exc
+    table = Table(title=f"plan for {result.model}: target {result.target_bytes:,} bytes "
+                        f"({result.target_ratio:.1f}x), at most {result.max_drop_points:g} "
+                        "points")
+    for col in ("round", "file bytes", "ratio", "val drop", "test drop", "met"):
+        table.add_column(col, justify="right")
+    for r in result.rounds:
+        table.add_row(str(r.round), f"{r.file_bytes:,}", f"{r.compression:.1f}x",
+                      f"{r.val_drop_points:+.2f}",
+                      "n/a" if r.test_drop_points is None else f"{r.test_drop_points:+.2f}",
+                      "yes" if r.met else "no")
+    show(table)
+    best = result.best_round
+    if best is not None:
+        layers_table = Table(title=f"round {best.round}: per-layer choices")
+        for col in ("layer", "option", "one-shot drop", "layer bytes"):
+            layers_table.add_column(col, justify="left" if col in ("layer", "option")
+                                    else "right")
+        for c in best.choices:
+            layers_table.add_row(c.layer, c.label, f"{c.drop_points:+.2f}", f"{c.bytes:,}")
+        show(layers_table)
+    label = "reached:" if result.reached else "out of reach:"
+    (console if result.reached else err_console).print(
+        _labelled(label, "bold green" if result.reached else "bold red", result.message))
+    console.print(f"written to {out}: recipe.yaml, model.dsq, plan.json, sensitivity.json/png")
+    if not result.reached:
+        raise typer.Exit(1)
+
+
+@app.command()
+def pareto(
+    model_file: Annotated[Path, typer.Argument(help="A trained model.pt (from `train`).")],
+    out: Annotated[Path, typer.Option(help="Folder for pareto.json and pareto.png.")],
+    dataset: Annotated[str | None, typer.Option(
+        help="Dataset (default: the one the file records, else mnist).")] = None,
+    method: Annotated[str | None, typer.Option(
+        help="Methods of the grid, comma separated (default: every installed one).")] = None,
+    epochs: Annotated[float, typer.Option(
+        help="Fine-tuning epochs per grid point (0: one-shot).")] = 0.0,
+    val_size: ValSize = 5000,
+    finetune_samples: Annotated[int | None, typer.Option(
+        help="Fine-tune on this many training samples.")] = None,
+    data_dir: DataDir = None,
+    progress: Progress = True,
+) -> None:
+    """A grid across methods: validation accuracy against file bytes and runtime latency."""
+    from deepsqueeze.analysis.pareto import pareto as run_pareto
+    from deepsqueeze.options import check_float, check_int
+    from deepsqueeze.outputs import check_output_dir
+
+    check_output_dir(out)
+    check_float("--epochs", epochs, 0.0, 1000.0)
+    methods = _split_list(method)
+    model, name, fit_set, val_set, _ = _analysis_inputs(model_file, dataset, val_size, data_dir)
+    if finetune_samples is not None:
+        check_int("--finetune-samples", finetune_samples, 1, 1 << 31)
+        if finetune_samples < len(fit_set):
+            fit_set = fit_set.subset(finetune_samples, seed=0)
+    result = run_pareto(model, val_set, fit_data=fit_set if epochs > 0 else None,
+                        methods=methods, finetune_epochs=epochs,
+                        model_name=_model_label(model, model_file), dataset=name,
+                        progress=_progress_printer(progress))
+    table = Table(title=f"Pareto grid of {result.model} (validation split, "
+                        f"dense {result.dense_val_accuracy:.2%}, {result.dense_file_bytes:,} B)")
+    for col in ("option", "file bytes", "ratio", "val top-1", "latency p50 ms", "front"):
+        table.add_column(col, justify="left" if col == "option" else "right")
+    for p in result.points:
+        if p.error is not None:
+            table.add_row(p.label, "-", "-", "-", "-", f"skipped: {p.error}"[:60])
+            continue
+        front = ",".join(n for n, f in (("bytes", p.on_bytes_front),
+                                        ("latency", p.on_latency_front)) if f)
+        table.add_row(p.label, f"{p.file_bytes:,}", f"{p.compression:.1f}x",
+                      f"{p.val_accuracy:.2%}", f"{p.latency_ms_p50:.3f}", front)
+    show(table)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / "pareto.json", result.to_dict())
+    result.plot(out / "pareto.png")
+    console.print(f"written to {out}/pareto.json and {out}/pareto.png")
+
+
+@app.command()
+def report(
+    folder: Annotated[Path, typer.Argument(
+        help="A run folder: `plan --out`, or any folder holding one .dsq file.")],
+    dataset: Annotated[str | None, typer.Option(
+        help="Dataset (default: the one the file records, else mnist).")] = None,
+    runs: Annotated[int, typer.Option(help="Timed calls per backend and batch size.")] = 50,
+    memory: Annotated[bool, typer.Option("--memory/--no-memory",
+                                         help="Measure peak RSS (a fresh process each).")
+                      ] = True,
+    image: Annotated[list[Path] | None, typer.Option(
+        help="More PNG plots to include (repeatable).")] = None,
+    progress: Progress = True,
+) -> None:
+    """Write report.md and a self-contained report.html (metrics, per-layer tables, plots)."""
+    from deepsqueeze.analysis.report import build_report
+
+    md, page = build_report(folder, dataset=dataset, runs=runs, memory=memory,
+                            extra_images=image or (), progress=_progress_printer(progress))
+    console.print(f"written {md} and {page}")
+
+
 def one_line(message: str) -> str:
     """``message`` as one printable line: lines joined, control characters escaped (a path or
     a field from a file can hold any character), cut at ``MAX_ERROR_CHARS``."""

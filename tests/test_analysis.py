@@ -1,0 +1,193 @@
+"""Sensitivity, planner, Pareto grid and report (tiny models, data subsets; < 60 s in all)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from deepsqueeze.analysis.pareto import GridPoint, mark_front, pareto
+from deepsqueeze.analysis.planner import Finetune, TargetUnreachable, plan, solve
+from deepsqueeze.analysis.sensitivity import Point, sensitivity
+from deepsqueeze.analysis.split import load_splits, validation_split
+from deepsqueeze.analysis.sweeps import Option, available_sweeps
+from deepsqueeze.errors import OptionError
+from tests.conftest import needs_mnist, run_cli
+
+pytestmark = needs_mnist
+
+
+class TinyMLP(nn.Module):
+    """784 -> 32 -> 10: small enough that every sweep point takes milliseconds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(784, 32)
+        self.fc2 = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x.flatten(1))))
+
+
+@pytest.fixture(scope="module")
+def splits():
+    fit, val, test = load_splits("mnist", 1000)
+    return fit.subset(2000, seed=0), val.subset(400, seed=0), test.subset(500, seed=0)
+
+
+@pytest.fixture(scope="module")
+def tiny(splits):
+    from deepsqueeze.training import TrainConfig, fit
+
+    torch.manual_seed(0)
+    net = TinyMLP()
+    fit(net, splits[0], TrainConfig(epochs=2, lr=0.1, device="cpu"), progress=False)
+    return net.eval()
+
+
+def test_validation_split_is_the_complement_of_the_training_subset():
+    from deepsqueeze.data import ImageDataset
+    from deepsqueeze.data.registry import get_info
+
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (3000, 1, 28, 28), dtype=torch.uint8, generator=gen)
+    labels = torch.randint(0, 10, (3000,), generator=gen)
+    train = ImageDataset("mnist", "train", images, labels, get_info("mnist"))
+    fit, val = validation_split(train, 400, seed=3)
+    drawn = train.subset(len(train) - 400, seed=3)  # what `train --subset N --seed 3` sees
+    assert torch.equal(fit.images, drawn.images) and torch.equal(fit.labels, drawn.labels)
+    assert len(val) == 400 and val.split == "validation"
+    # every sample of the training split lands in exactly one part
+    assert sorted(torch.cat([fit.images, val.images]).view(3000, -1).double().sum(1).tolist()) \
+        == sorted(images.view(3000, -1).double().sum(1).tolist())
+    assert torch.equal(val.labels.bincount(minlength=10), labels.bincount(minlength=10)
+                       - drawn.labels.bincount(minlength=10))
+    with pytest.raises(OptionError, match="validation size"):
+        validation_split(train, len(train))
+
+
+def test_sweeps_cover_the_installed_methods():
+    sweeps = available_sweeps()
+    assert {"prune", "share"} <= set(sweeps)
+    with pytest.raises(OptionError, match="sweepable"):
+        available_sweeps(["nope"])
+
+
+def test_sensitivity_is_monotone_in_bytes_and_meaningful(tiny, splits):
+    res = sensitivity(tiny, splits[1], ["prune", "share"], model_name="tiny")
+    for layer in ("fc1", "fc2"):
+        pruned = res.curve("prune", layer)
+        sizes = [p.bytes for p in pruned]
+        assert sizes == sorted(sizes, reverse=True), sizes  # more sparsity, never more bytes
+        assert sizes[-1] < res.dense_layer_bytes[layer] / 10
+        shared = res.curve("share", layer)
+        assert [p.bytes for p in shared] == sorted((p.bytes for p in shared), reverse=True)
+    fc1 = res.curve("prune", "fc1")
+    assert fc1[0].accuracy > fc1[-1].accuracy  # 50% vs 99% sparsity: the curve says something
+    assert res.table().row_count == len(res.points)
+    data = json.loads(json.dumps(res.to_dict()))
+    assert type(res).from_dict(data).points[0] == res.points[0]
+
+
+def _pt(layer: str, nbytes: int, drop: float) -> Point:
+    return Point(layer, [{"method": "prune", "setting": 0.9}], "x", 0.9, drop, nbytes, 100, 0.0)
+
+
+def test_knapsack_respects_the_budget_and_minimizes_the_drop():
+    cands = {"a": [_pt("a", 100, 0.0), _pt("a", 40, 0.5), _pt("a", 10, 3.0)],
+             "b": [_pt("b", 100, 0.0), _pt("b", 50, 0.2), _pt("b", 20, 2.0)]}
+    chosen, nbytes, drop = solve(cands, 90)
+    assert nbytes <= 90 and (chosen["a"].bytes, chosen["b"].bytes) == (40, 50)
+    assert drop == pytest.approx(0.7)
+    assert solve(cands, 29) is None  # 10 + 20 is the least
+
+
+def test_plan_meets_a_byte_budget(tiny, splits, tmp_path):
+    fit, val, test = splits
+    out = tmp_path / "plan"
+    res = plan(tiny, fit, val, out, target_ratio=20, max_drop=10.0, test_data=test,
+               methods=["prune", "share"], finetune=Finetune(epochs=0.3), rounds=2,
+               model_name="tiny", dataset="mnist", sensitivity_samples=200)
+    best = res.best_round
+    assert best is not None and best.file_bytes is not None
+    assert (out / "model.dsq").stat().st_size == best.file_bytes <= res.target_bytes
+    assert res.reached and "target reached" in res.message
+    assert best.test_accuracy is not None and best.val_accuracy is not None
+    from deepsqueeze.pipeline import load_recipe
+
+    recipe = load_recipe(out / "recipe.yaml")
+    assert {s.method for s in recipe.stages} <= {"prune", "share"}
+    saved = json.loads((out / "plan.json").read_text())
+    assert saved["rounds"][saved["best"]]["file_bytes"] == best.file_bytes
+    assert (out / "sensitivity.png").stat().st_size > 1000
+
+    # the report of that folder renders every section, images inlined
+    from deepsqueeze.analysis.report import build_report
+
+    md, page = build_report(out, runs=3, memory=False)
+    text = page.read_text()
+    assert text.count("<table>") >= 4 and text.count("data:image/png;base64,") >= 2
+    assert "Horowitz" in text and "640 pJ" in md.read_text()
+    assert json.loads((out / "report.json").read_text())["file_bytes"] == best.file_bytes
+
+
+def test_unreachable_target_is_a_clear_message(tiny, splits, tmp_path):
+    fit, val, _ = splits
+    from deepsqueeze.dsq import save
+
+    header = save(tiny, tmp_path / "dense.dsq").header_bytes
+    # past the header, below what the most pruned layers take: found by the sweep
+    with pytest.raises(TargetUnreachable, match=r"target out of reach: .* smallest file the "
+                       r"swept options can make, about [\d,]+ bytes"):
+        plan(tiny, fit, val, tmp_path / "p", target_bytes=header + 50, methods=["prune"],
+             finetune=Finetune(epochs=0.1), model_name="tiny", sensitivity_samples=100)
+    assert json.loads((tmp_path / "p" / "plan.json").read_text())["rounds"] == []
+    # below the header: said before any sweep
+    with pytest.raises(TargetUnreachable, match="header and manifest"):
+        plan(tiny, fit, val, tmp_path / "h", target_bytes=header - 1, methods=["prune"])
+    with pytest.raises(OptionError, match="give a target"):
+        plan(tiny, fit, val, tmp_path / "q", methods=["prune"])
+
+
+def test_pareto_marks_the_frontier(tiny, splits, tmp_path):
+    opts = [Option((("prune", 0.9),)), Option((("share", 4),)),
+            Option((("prune", 0.9), ("share", 4)))]
+    res = pareto(tiny, splits[1], options=opts, model_name="tiny")
+    assert all(p.error is None for p in res.points)
+    chain = res.points[2]
+    assert chain.file_bytes < res.points[0].file_bytes  # prune + share beats prune alone
+    assert any(p.on_bytes_front for p in res.points)
+    assert chain.on_bytes_front  # the smallest file is always on the bytes frontier
+    assert res.plot(tmp_path / "p.png").stat().st_size > 1000
+    pts = [GridPoint("a", "m", [], [], file_bytes=10, val_accuracy=0.5),
+           GridPoint("b", "m", [], [], file_bytes=20, val_accuracy=0.4),
+           GridPoint("c", "m", [], [], file_bytes=30, val_accuracy=0.9)]
+    mark_front(pts, "file_bytes", "on_bytes_front")
+    assert [p.on_bytes_front for p in pts] == [True, False, True]
+
+
+def test_cli_plan_out_of_reach_and_bad_options(tmp_path: Path, capsys, tiny):
+    from deepsqueeze import models
+    from deepsqueeze.io import save_model
+
+    net = models.create("lenet300")
+    model_pt = save_model(net, tmp_path / "model.pt")
+    code, out, err = run_cli(["plan", model_pt, "--out", tmp_path / "p", "--target-bytes",
+                              "100", "--method", "prune", "--no-progress"], capsys)
+    assert code == 1 and "out of reach" in err and "header and manifest" in err
+    assert "Traceback" not in err
+    code, _, err = run_cli(["plan", model_pt, "--out", tmp_path / "q", "--method", "prune",
+                            "--no-progress"], capsys)
+    assert code == 2 and "give a target" in err
+    code, _, err = run_cli(["sensitivity", model_pt, "--method", "bogus"], capsys)
+    assert code == 2 and "cannot sweep method 'bogus'" in err
+    code, out, _ = run_cli(["sensitivity", model_pt, "--method", "prune", "--layers", "fc3",
+                            "--samples", "100", "--val-size", "500", "--out", tmp_path / "s",
+                            "--no-progress"], capsys)
+    assert code == 0 and (tmp_path / "s" / "sensitivity.png").is_file() and "fc3" in out
+    assert len(json.loads((tmp_path / "s" / "sensitivity.json").read_text())["points"]) == 8
+    code, _, err = run_cli(["report", tmp_path / "nothing-here"], capsys)
+    assert code == 2 and "not a folder" in err
