@@ -23,6 +23,7 @@ from deepsqueeze.models.low_rank import LowRankConv2d, LowRankLinear, TuckerConv
 from deepsqueeze.pipeline.session import bake
 from deepsqueeze.runtime import load_runtime, runtime_info
 from deepsqueeze.training.loop import TrainConfig, fit
+from tests.conftest import needs_mnist
 
 torch.set_num_threads(1)
 
@@ -391,3 +392,13 @@ def test_runtime_times_factors_against_the_multiplied_out_product(tmp_path: Path
     # the 2x-file budget leaves room for fc1's product only if it is tiny: rank 8 keeps factors
     assert {c.layer: c.impl for c in runtime_info(load_runtime(path, cache=False)).layers}[
         "fc1"] == "factors"
+
+
+@needs_mnist
+def test_slr_calibration_from_a_builtin_dataset() -> None:
+    model = models.create("lenet300")
+    method = _apply(model, "sparse-svd", rank=8, sr=0.5, rr=0.5, importance="a",
+                    layers=["fc2", "fc3"], calibration={"dataset": "mnist", "samples": 64})
+    assert method.report["fc2"]["weights_after"] == 8 * 400 - (50 + 150) * 4
+    with pytest.raises(RecipeError, match="calibration"):
+        create_method("sparse-svd", rank=8, calibration={"samples": 64})
