@@ -11,9 +11,9 @@
    Two products, both followed by y = scale[r] * dot + bias[r] (each optional):
    - dsq_binary_xnor_linear: binary inputs (BNN): dot = cols - 2 popcount(xbits ^ wbits),
      exact integers;
-   - dsq_binary_select_linear: real inputs (BinaryConnect): dot = sum_c (+-x_c), computed from a
-     table per 8 input columns of all 256 signed sums, indexed by the weight bytes (one load
-     per 8 weights instead of 8 multiply-adds).
+   - dsq_binary_select_linear: real inputs (BinaryConnect): dot = sum_c (+-x_c): 8 inputs at a
+     time get their sign bits flipped by a mask looked up from the weight byte (AVX2 xor + add,
+     no multiplication); a scalar loop without AVX2 and for the last columns.
 
    Safety contract: every entry point checks its counts (non-negative, overflow-free), buffer
    lengths (weights, scale, bias, input, output against rows, cols and n) and pointers before
@@ -29,7 +29,6 @@
 enum { BIN_OK = 0, BIN_EINVAL = 1, BIN_ENOMEM = 2, BIN_ESIZE = 4 };
 
 #define BIN_MAX_THREADS 64
-#define BIN_TABLE_GROUPS 64 /* 8-column groups per table block: 64 * 256 floats = 64 KiB */
 #define BIN_ROW_BLOCK 64    /* weight rows per tile of the batched XNOR product */
 #define BIN_MIN_WORK (1 << 15) /* word operations below which one thread does it all */
 
@@ -128,65 +127,62 @@ static void bin_xnor_rows(bin_job *J) {
     }
 }
 
-/* Table of the 256 signed sums of each 8-column group g in [g0, g1) of input row x:
-   t[(g - g0) * 256 + b] = sum_j (bit j of b ? -x[8g + j] : x[8g + j]), columns past cols as 0. */
-static void bin_tables(const float *x, int64_t cols, int64_t g0, int64_t g1, float *t) {
-    for (int64_t g = g0; g < g1; g++) {
-        float *tg = t + (g - g0) * 256;
-        float v[8], sum = 0.0f;
-        for (int j = 0; j < 8; j++) {
-            const int64_t c = 8 * g + j;
-            v[j] = c < cols ? x[c] : 0.0f;
-            sum += v[j];
-        }
-        tg[0] = sum;
-        for (int j = 0; j < 8; j++) {
-            const int64_t half = (int64_t)1 << j;
-            const float d = 2.0f * v[j];
-            for (int64_t b = 0; b < half; b++) tg[half + b] = tg[b] - d;
-        }
-    }
+#ifdef __AVX2__
+/* sign masks of a weight byte: lane j is the float sign bit when bit j is set (-1) */
+static uint32_t bin_masks[256][8] __attribute__((aligned(32)));
+static pthread_once_t bin_masks_once = PTHREAD_ONCE_INIT;
+
+static void bin_init_masks(void) {
+    for (int b = 0; b < 256; b++)
+        for (int j = 0; j < 8; j++) bin_masks[b][j] = ((b >> j) & 1) ? 0x80000000u : 0u;
 }
 
-static void bin_select_rows(bin_job *J, float *table) {
+static inline __m256 bin_flip8(const float *x, uint8_t byte) {
+    return _mm256_xor_ps(_mm256_loadu_ps(x), _mm256_load_ps((const float *)bin_masks[byte]));
+}
+#endif
+
+/* sum_c (bit c of the row ? -x[c] : x[c]) over one row of packed signs */
+static inline float bin_select_dot(const uint8_t *restrict wb, const float *restrict x,
+                                   int64_t cols) {
+    int64_t c = 0;
+    float acc = 0.0f;
+#ifdef __AVX2__
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (; c + 32 <= cols; c += 32) {
+        const int64_t g = c / 8;
+        a0 = _mm256_add_ps(a0, bin_flip8(x + c, wb[g]));
+        a1 = _mm256_add_ps(a1, bin_flip8(x + c + 8, wb[g + 1]));
+        a2 = _mm256_add_ps(a2, bin_flip8(x + c + 16, wb[g + 2]));
+        a3 = _mm256_add_ps(a3, bin_flip8(x + c + 24, wb[g + 3]));
+    }
+    for (; c + 8 <= cols; c += 8) a0 = _mm256_add_ps(a0, bin_flip8(x + c, wb[c / 8]));
+    const __m256 a = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
+    const __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    acc = _mm_cvtss_f32(_mm_add_ss(q, _mm_shuffle_ps(q, q, 1)));
+#endif
+    for (; c < cols; c++) acc += ((wb[c / 8] >> (c % 8)) & 1) ? -x[c] : x[c];
+    return acc;
+}
+
+static void bin_select_rows(bin_job *J) {
     const int64_t nw = J->nw, cols = J->cols, rows = J->rows;
-    const int64_t groups = (cols + 7) / 8;
-    for (int64_t i = 0; i < J->n; i++) {
-        const float *xi = J->x + i * cols;
-        float *yi = J->y + i * rows;
-        for (int64_t r = J->r0; r < J->r1; r++) yi[r] = 0.0f;
-        for (int64_t g0 = 0; g0 < groups; g0 += BIN_TABLE_GROUPS) {
-            const int64_t g1 = g0 + BIN_TABLE_GROUPS < groups ? g0 + BIN_TABLE_GROUPS : groups;
-            const int64_t ng = g1 - g0;
-            bin_tables(xi, cols, g0, g1, table);
-            for (int64_t r = J->r0; r < J->r1; r++) {
-                const uint8_t *wb = (const uint8_t *)(J->w + r * nw) + g0;
-                float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
-                int64_t g = 0;
-                for (; g + 4 <= ng; g += 4) {
-                    a0 += table[g * 256 + wb[g]];
-                    a1 += table[(g + 1) * 256 + wb[g + 1]];
-                    a2 += table[(g + 2) * 256 + wb[g + 2]];
-                    a3 += table[(g + 3) * 256 + wb[g + 3]];
-                }
-                for (; g < ng; g++) a0 += table[g * 256 + wb[g]];
-                yi[r] += (a0 + a1) + (a2 + a3);
-            }
+    for (int64_t rb = J->r0; rb < J->r1; rb += BIN_ROW_BLOCK) {
+        const int64_t re = rb + BIN_ROW_BLOCK < J->r1 ? rb + BIN_ROW_BLOCK : J->r1;
+        for (int64_t i = 0; i < J->n; i++) {
+            const float *xi = J->x + i * cols;
+            float *yi = J->y + i * rows;
+            for (int64_t r = rb; r < re; r++)
+                yi[r] = bin_out(J, r, bin_select_dot((const uint8_t *)(J->w + r * nw), xi, cols));
         }
-        for (int64_t r = J->r0; r < J->r1; r++) yi[r] = bin_out(J, r, yi[r]);
     }
 }
 
 static void *bin_worker(void *arg) {
     bin_job *J = (bin_job *)arg;
     if (J->select) {
-        float *table = (float *)malloc(sizeof(float) * 256 * BIN_TABLE_GROUPS);
-        if (!table) {
-            J->status = BIN_ENOMEM;
-            return NULL;
-        }
-        bin_select_rows(J, table);
-        free(table);
+        bin_select_rows(J);
     } else {
         bin_xnor_rows(J);
     }
@@ -255,6 +251,12 @@ static int bin_product(const uint64_t *w, int64_t w_words, int64_t rows, int64_t
         bin_pack_rows(x, n, cols, xbits);
         job.xbits = xbits;
     }
+#ifdef __AVX2__
+    if (select && pthread_once(&bin_masks_once, bin_init_masks) != 0) {
+        free(xbits);
+        return BIN_EINVAL;
+    }
+#endif
     const int status = bin_run(&job, threads);
     free(xbits);
     return status;
