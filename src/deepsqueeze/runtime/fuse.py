@@ -8,6 +8,14 @@ chain ``[flatten] → Linear → [ReLU] → Linear → [ReLU] → ...`` whose la
 becomes one :class:`FusedChain` call (intermediate activations never leave C), and a kernel
 convolution followed by a ReLU gets the ReLU fused. The autotuner keeps a chain only when it
 measures faster than the modules it replaces (see :func:`fuse_model`).
+
+Convolutions (:func:`fuse_conv_relus`): an eval-mode BatchNorm2d directly after a convolution is
+folded into it (``scale = gamma / sqrt(var + eps)`` multiplies the weights, ``beta - mean *
+scale`` joins the bias): into the executors of :mod:`deepsqueeze.runtime.executors.conv` (the C
+ones keep the compact form and apply the scale while reading it), the dense executor and plain
+``nn.Conv2d`` layers. A ReLU and a max-pool with kernel = stride (no padding, dilation or
+ceil_mode) that follow are fused into those executors: the C kernel writes the pooled, rectified
+output directly, so the full-size output never goes through memory.
 """
 
 from __future__ import annotations
@@ -25,8 +33,15 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from deepsqueeze.errors import RuntimeInputError
+from deepsqueeze.runtime.executors.conv import FusableConv
 from deepsqueeze.runtime.kernel import DsqLayer, check_rc, get_kernel
-from deepsqueeze.runtime.layers import KernelConv2d, KernelLinear, RuntimeLayer, as_input
+from deepsqueeze.runtime.layers import (
+    DenseConv2d,
+    KernelConv2d,
+    KernelLinear,
+    RuntimeLayer,
+    as_input,
+)
 
 _TENSOR, _F32, _STRIDED = torch.Tensor, torch.float32, torch.strided
 
@@ -236,21 +251,133 @@ def trace(model: nn.Module) -> fx.GraphModule | None:
     return fx.GraphModule(model, graph, class_name=type(model).__name__)
 
 
+_MAXPOOL_FUNCS = {F.max_pool2d, torch.max_pool2d}
+_POOL_ARGS = ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode",
+              "return_indices")
+
+
+def _same_pair(value: Any, want: int | None = None) -> int | None:
+    """``value`` as one int (an int, or a pair / 1-tuple of equal ints), or None."""
+    if isinstance(value, (tuple, list)) and 1 <= len(value) <= 2:
+        if len(set(value)) != 1:
+            return None
+        value = value[0]
+    if type(value) is not int or (want is not None and value != want):
+        return None
+    return value
+
+
+def max_pool_size(node: fx.Node, gm: fx.GraphModule) -> int | None:
+    """``p`` when ``node`` max-pools its one input over p x p windows with stride p (no padding,
+    dilation 1, floor mode, no indices): what a fused executor can write directly."""
+    if node.op == "call_module":
+        m = gm.get_submodule(str(node.target))
+        if not isinstance(m, nn.MaxPool2d) or len(node.args) != 1 or node.kwargs:
+            return None
+        opts = {"kernel_size": m.kernel_size, "stride": m.stride, "padding": m.padding,
+                "dilation": m.dilation, "ceil_mode": m.ceil_mode,
+                "return_indices": m.return_indices}
+    elif node.op == "call_function" and node.target in _MAXPOOL_FUNCS:
+        if len(node.args) > len(_POOL_ARGS) or not set(node.kwargs) <= set(_POOL_ARGS[1:]):
+            return None
+        opts = dict(zip(_POOL_ARGS, node.args, strict=False)) | dict(node.kwargs)
+    else:
+        return None
+    p = _same_pair(opts.get("kernel_size"))
+    stride = opts.get("stride")
+    if p is None or p < 1 or (stride not in (None, [], ()) and _same_pair(stride, p) is None):
+        return None
+    if (_same_pair(opts.get("padding", 0), 0) is None
+            or _same_pair(opts.get("dilation", 1), 1) is None
+            or opts.get("ceil_mode", False) is not False
+            or opts.get("return_indices", False) is not False):
+        return None
+    return p
+
+
+def batchnorm_affine(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(scale, shift)`` of an eval-mode BatchNorm2d with running statistics (its output is
+    ``scale[c] * x + shift[c]``), or None when it cannot be folded."""
+    if (not isinstance(bn, nn.BatchNorm2d) or bn.training or bn.running_mean is None
+            or bn.running_var is None):
+        return None
+    scale = 1.0 / torch.sqrt(bn.running_var.detach().double() + bn.eps)
+    shift = -bn.running_mean.detach().double() * scale
+    if bn.weight is not None:
+        scale = scale * bn.weight.detach().double()
+        shift = shift * bn.weight.detach().double()
+    if bn.bias is not None:
+        shift = shift + bn.bias.detach().double()
+    if not (torch.isfinite(scale).all() and torch.isfinite(shift).all()):
+        return None
+    return scale.float(), shift.float()
+
+
+def fold_batchnorm(conv: nn.Module, bn: nn.Module) -> bool:
+    """Fold ``bn`` (following ``conv``) into ``conv``: a fusable executor, the dense executor
+    or a plain ``nn.Conv2d``. False (nothing changed) when either does not allow it."""
+    affine = batchnorm_affine(bn)
+    if affine is None:
+        return False
+    scale, shift = affine
+    out = getattr(getattr(conv, "geometry", None), "out_channels", None)
+    if isinstance(conv, nn.Conv2d):
+        out = conv.out_channels
+    if out is None or scale.numel() != out:
+        return False
+    if isinstance(conv, FusableConv):
+        conv.fold_affine(scale, shift)
+        return True
+    if isinstance(conv, DenseConv2d) or type(conv) is nn.Conv2d:
+        weight = conv.weight.detach() * scale.view(-1, 1, 1, 1)
+        bias = conv.bias.detach() * scale + shift if conv.bias is not None else shift
+        if type(conv) is nn.Conv2d:
+            conv.weight = nn.Parameter(weight.contiguous(), requires_grad=False)
+            conv.bias = nn.Parameter(bias.contiguous(), requires_grad=False)
+        else:
+            conv.weight, conv.bias = weight.contiguous(), bias.contiguous()
+        return True
+    return False
+
+
 def fuse_conv_relus(gm: fx.GraphModule) -> list[str]:
-    """Fuse ReLUs that directly and solely follow a kernel convolution; returns those layers."""
+    """Fuse what follows each convolution (see module doc): a BatchNorm2d is folded in (fusable
+    executors, the dense executor, plain ``nn.Conv2d``); then ReLUs and kernel = stride
+    max-pools are fused into fusable executors, ReLUs into kernel convolutions. Returns one
+    ``conv+bn+relu+pool2`` description per changed layer."""
     fused = []
     for node in list(gm.graph.nodes):
         if node.op != "call_module":
             continue
         mod = gm.get_submodule(str(node.target))
-        if not isinstance(mod, KernelConv2d) or mod.relu:
+        if not isinstance(mod, (FusableConv, KernelConv2d, DenseConv2d, nn.Conv2d)):
             continue
+        steps = []
         nxt = _only_user(node)
-        if nxt is not None and _is_relu(nxt, gm):
-            mod.set_relu(True)
+        if (nxt is not None and nxt.op == "call_module" and nxt.args == (node,)
+                and not nxt.kwargs
+                and fold_batchnorm(mod, gm.get_submodule(str(nxt.target)))):
             nxt.replace_all_uses_with(node)
             gm.graph.erase_node(nxt)
-            fused.append(str(node.target))
+            steps.append("bn")
+        while True:
+            nxt = _only_user(node)
+            if nxt is None or not nxt.args or nxt.args[0] is not node:
+                break
+            pool = max_pool_size(nxt, gm)
+            if _is_relu(nxt, gm) and isinstance(mod, (FusableConv, KernelConv2d)) \
+                    and not mod.relu:
+                mod.set_relu(True)
+                steps.append("relu")
+            elif pool is not None and isinstance(mod, FusableConv) and mod.pool == 1:
+                mod.set_pool(pool)
+                steps.append(f"pool{pool}")
+            else:
+                break
+            nxt.replace_all_uses_with(node)
+            gm.graph.erase_node(nxt)
+        if steps:
+            fused.append("+".join([str(node.target), *steps]))
     return fused
 
 
