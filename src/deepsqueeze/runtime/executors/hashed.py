@@ -9,7 +9,7 @@ kernel     C (``csrc/hashed.c``): hashes tiles of 8 rows × 256 columns on      
            the fly into a stack buffer and applies them to the batch; no
            index array, no dense matrix (HashedLinear)
 tiles      torch: the index of a block of rows regenerated per call (torch     buckets (~file)
-           xxHash32), a block GEMM; no compiler needed
+           xxHash32), a block GEMM; offered only without a C compiler
 densify    the dense virtual matrix written on each call (C, torch without     buckets (~file)
            it), then ``F.linear`` / ``F.conv2d``; freed after the call
 dense      the dense virtual matrix decoded once                               dense fp32
@@ -358,6 +358,12 @@ def _kernel_ok(form: Any, module: nn.Module) -> bool:
     return _is_hashed(form, module) and get_kernel() is not None
 
 
+def _no_kernel(form: Any, module: nn.Module) -> bool:
+    """``tiles`` (torch hashing, ~20x slower than the C kernel) only runs without a compiler,
+    where it bounds the per-call temporary that ``densify`` spends on the whole matrix."""
+    return _is_hashed(form, module) and get_kernel() is None
+
+
 register_layer_form(HashedLinear, read_hashed)
 register_layer_form(HashedConv2d, read_hashed)
 register_layer_form(CirculantLinear, read_circulant)
@@ -365,7 +371,7 @@ register_layer_form(CirculantLinear, read_circulant)
 for _name, _cls, _accepts, _compact in (
     ("kernel", HashedKernelLinear, _kernel_ok, True),
     ("densify", HashedDensifyLinear, _is_hashed, True),
-    ("tiles", HashedTilesLinear, _is_hashed, True),
+    ("tiles", HashedTilesLinear, _no_kernel, True),
     ("dense", HashedDenseLinear, _is_hashed, False),
 ):
     register_impl(HashedLinear, Impl(_name, lambda f, b, m, c=_cls: c(f, b), _accepts, _compact))
