@@ -338,3 +338,23 @@ def test_int8_codec_entries_are_checked() -> None:
         decode_tensor(enc.entry, short)
     assert encode_tensor("w", torch.tensor([0.5, 1.0, 2.0, 3.0])).entry["dtype"] != "int8"
     assert encode_tensor("w", torch.tensor([128.0, 1.0, 2.0, 3.0])).entry["dtype"] != "int8"
+
+
+@pytest.mark.parametrize("dtype,torch_dtype", [("float16", torch.float16),
+                                               ("bfloat16", torch.bfloat16)])
+def test_half_precision_storage(tmp_path: Path, dtype: str, torch_dtype: torch.dtype) -> None:
+    x = torch.randn(257)
+    enc = encode_tensor("w", x, dense_dtype=dtype, codebook_dtype=dtype)
+    assert enc.entry["dtype"] == dtype and enc.nbytes == 2 * 257
+    torch.testing.assert_close(decode_tensor(enc.entry, enc.sections),
+                               x.to(torch_dtype).float(), atol=0, rtol=0)
+    with pytest.raises(DsqFormatError):
+        decode_tensor(enc.entry, {k: v + b"\0" for k, v in enc.sections.items()})
+    model = models.create("lenet300")
+    full, half = tmp_path / "full.dsq", tmp_path / "half.dsq"
+    deepsqueeze.save(model, full)
+    deepsqueeze.save(model, half, encode={"dense_dtype": dtype, "codebook_dtype": dtype})
+    assert half.stat().st_size < 0.51 * full.stat().st_size
+    loaded = deepsqueeze.load(half)
+    torch.testing.assert_close(loaded.fc1.weight, model.fc1.weight.to(torch_dtype).float(),
+                               atol=0, rtol=0)

@@ -25,7 +25,8 @@ class EncodeOptions(BaseModel):
         "auto", description="bits per relative index of sparse positions (1..16; the reader "
         "refuses wider); auto picks the smallest"
     )
-    codebook_dtype: Literal["float32", "float16"] = "float32"
-    dense_dtype: Literal["float32", "float16"] = Field(
-        "float32", description="dtype of tensors stored densely (biases, BatchNorm)"
+    codebook_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    dense_dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        "float32", description="dtype of tensors stored densely (biases, BatchNorm); float16 "
+        "or bfloat16 halve their bytes (lossy: TFLite's float16 quantization analog)"
     )

@@ -34,9 +34,19 @@ ENCODINGS = ("dense", "codebook", "sparse", "sparse-codebook")
 MAX_CODEBOOK = 1 << 16
 MAX_INDEX_BITS = 16
 DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "int64": np.dtype("<i8"),
-          "int8": np.dtype("i1")}
+          "int8": np.dtype("i1"), "bfloat16": np.dtype("<u2")}
 """``int8`` holds integer-valued floats in -128..127 (quantized weights and their codebooks)
-exactly, in a byte each; the encoder picks it only when every value is such an integer."""
+exactly, in a byte each; the encoder picks it only when every value is such an integer.
+``bfloat16`` is the upper half of each fp32 value (rounded to nearest even), stored as ``<u2``
+(numpy has no bfloat16): the ``float16`` of TFLite with fp32's exponent range."""
+
+
+def _raw(values: np.ndarray, dtype_name: str) -> bytes:
+    """``values`` (float) in the stored dtype ``dtype_name``, as bytes."""
+    if dtype_name == "bfloat16":
+        u = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32).astype(np.uint64)
+        return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype("<u2").tobytes()
+    return values.astype(DTYPES[dtype_name]).tobytes()
 
 
 @dataclass(frozen=True)
@@ -117,12 +127,13 @@ def encode_tensor(
     candidates.append(
         EncodedTensor(
             {**base, "encoding": "dense", "dtype": dense_dtype},
-            {f"{name}:data": values.astype(DTYPES[dense_dtype]).tobytes()},
+            {f"{name}:data": _raw(values, dense_dtype)},
         )
     )
     _with_int8(candidates, values, f"{name}:data")
     distinct, inverse = np.unique(values, return_inverse=True)
-    exact_codebook = codebook_dtype == "float32" or dense_dtype == "float16"
+    exact_codebook = codebook_dtype == "float32" or dense_dtype == "float16" or (
+        codebook_dtype == dense_dtype)
     if distinct.size <= MAX_CODEBOOK and distinct.size < values.size // 2 and exact_codebook:
         bits = _bits_for(distinct.size)
         coded, coding = _code_indices(inverse, bits, huffman)
@@ -137,7 +148,7 @@ def encode_tensor(
                     "dtype": codebook_dtype,
                 },
                 {
-                    f"{name}:codebook": distinct.astype(DTYPES[codebook_dtype]).tobytes(),
+                    f"{name}:codebook": _raw(distinct, codebook_dtype),
                     f"{name}:values": coded,
                 },
             )
@@ -173,7 +184,7 @@ def encode_tensor(
                 {**sparse_base, "encoding": "sparse", "dtype": dense_dtype},
                 {
                     f"{name}:index": gap_bytes,
-                    f"{name}:values": entry_vals.astype(DTYPES[dense_dtype]).tobytes(),
+                    f"{name}:values": _raw(entry_vals, dense_dtype),
                 },
             )
         )
@@ -196,7 +207,7 @@ def encode_tensor(
                     },
                     {
                         f"{name}:index": gap_bytes,
-                        f"{name}:codebook": nz_distinct.astype(DTYPES[codebook_dtype]).tobytes(),
+                        f"{name}:codebook": _raw(nz_distinct, codebook_dtype),
                         f"{name}:values": coded,
                     },
                 )
@@ -227,7 +238,10 @@ def _floats(data: bytes, dtype_name: str, count: int | None, what: str) -> np.nd
             f"{what}: {len(data)} bytes do not hold "
             f"{'a whole number of' if count is None else count} {dtype_name} values"
         )
-    return np.frombuffer(data, dtype=dtype)
+    out = np.frombuffer(data, dtype=dtype)
+    if dtype_name == "bfloat16":
+        return (out.astype(np.uint32) << 16).view(np.float32)
+    return out
 
 
 def _codebook_and_symbols(

@@ -1,0 +1,232 @@
+"""Quantization on MNIST / Fashion-MNIST: fp32, fp16, int8 PTQ, int8 QAT, int4 QAT in one run.
+
+For each model: the trained fp32 baseline (``runs/quantization/<model>-<dataset>/model.pt``,
+trained here with a short schedule if missing) is saved as a .dsq file in fp32 and in fp16
+(``encode: {dense_dtype: float16}``), and compressed through :func:`deepsqueeze.compress` with
+post-training int8 (``quantize``, 16 calibration batches, percentile 99.99) and with
+quantization-aware fine-tuning (``qat``, 8 and 4 bits, ``--qat-epochs`` epochs). Each file is
+loaded back and scored on the test split (top-1), and its bytes on disk counted. Speed: every
+variant runs in three backends -- our runtime (:func:`deepsqueeze.runtime.load_runtime`, tuned
+at the batch size), onnxruntime (the file exported to ONNX; ``--int8`` QDQ for the quantized
+ones) and PyTorch (the file decoded densely) -- all timed interleaved in one run per batch size
+(every round calls each once, order rotating), medians; ratios are against fp32 in PyTorch
+(and, per backend, against fp32 in that backend).
+
+    python benchmarks/quantization.py --only lenet300/mnist --only lenet5/mnist
+    python benchmarks/quantization.py --only resnet20/fashion-mnist --qat-epochs 0.25
+
+Writes benchmarks/results/quantization.json (models not run keep their entry) and
+quantization.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import deepsqueeze
+from deepsqueeze.data import load_dataset
+from deepsqueeze.io import atomic_write, load_model
+from deepsqueeze.metrics.accuracy import accuracy_and_loss
+from deepsqueeze.runtime import load_runtime
+from deepsqueeze.runtime.bench import time_interleaved
+from deepsqueeze.runtime.onnx_export import export_onnx, onnx_session
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "quantization.json"
+PLOT = RESULTS.with_suffix(".png")
+RUNS = ROOT / "runs" / "quantization"
+
+MODELS = {  # model/dataset -> epochs of the short fp32 baseline trained when missing
+    "lenet300/mnist": 6,
+    "lenet5/mnist": 2,
+    "resnet20/fashion-mnist": 2,
+}
+VARIANTS = ("fp32", "fp16", "int8-ptq", "int8-qat", "int4-qat")
+BACKENDS = ("runtime", "onnxruntime", "pytorch")
+CALIBRATION = {"batches": 16, "batch_size": 64, "method": "percentile", "percentile": 99.99}
+
+
+def baseline(model: str, dataset: str) -> Path:
+    path = RUNS / f"{model}-{dataset}" / "model.pt"
+    if not path.exists():
+        deepsqueeze.train(model, dataset, out=path.parent, epochs=MODELS[f"{model}/{dataset}"],
+                          seed=0)
+    return path
+
+
+def top1(model: torch.nn.Module, dataset: str) -> float:
+    test = load_dataset(dataset, "test")
+    return accuracy_and_loss(model, test.normalized(), test.labels).accuracy
+
+
+def make_files(model: str, dataset: str, qat_epochs: float, out: Path) -> dict[str, Any]:
+    """The five files of one model: path, bytes, top-1 of the file, seconds to make."""
+    out.mkdir(parents=True, exist_ok=True)
+    base = baseline(model, dataset)
+    rows: dict[str, Any] = {}
+    for variant, dtype in (("fp32", "float32"), ("fp16", "float16")):
+        t0 = time.perf_counter()
+        path = out / f"{variant}.dsq"
+        deepsqueeze.save(load_model(base), path,
+                         encode={"dense_dtype": dtype, "codebook_dtype": dtype})
+        rows[variant] = {"path": path, "seconds": time.perf_counter() - t0,
+                         "top1": top1(deepsqueeze.load(path), dataset)}
+    stages = {
+        "int8-ptq": {"method": "quantize",
+                     "params": {"bits": 8, "calibration": {"dataset": dataset, **CALIBRATION}}},
+        "int8-qat": {"method": "qat", "params": {
+            "bits": 8, "calibration": {"dataset": dataset, **CALIBRATION}},
+            "finetune": {"epochs": qat_epochs, "lr": 0.002, "weight_decay": 0.0,
+                         "lr_schedule": "cosine"}},
+        "int4-qat": {"method": "qat", "params": {
+            "bits": 4, "calibration": {"dataset": dataset, **CALIBRATION}},
+            "finetune": {"epochs": qat_epochs, "lr": 0.002, "weight_decay": 0.0,
+                         "lr_schedule": "cosine"}},
+    }
+    for variant, stage in stages.items():
+        t0 = time.perf_counter()
+        path = out / f"{variant}.dsq"
+        recipe = {"name": variant, "model": model, "dataset": dataset, "stages": [stage]}
+        result = deepsqueeze.compress(load_model(base), recipe, dataset=dataset, out=path,
+                                      progress=False)
+        rows[variant] = {"path": path, "seconds": time.perf_counter() - t0,
+                         "top1": result.file_accuracy}
+    for row in rows.values():
+        row["bytes"] = row["path"].stat().st_size
+    return rows
+
+
+def speed(files: dict[str, Any], dataset: str, batch: int, runs: int) -> dict[str, Any]:
+    """Median seconds of every variant x backend at ``batch``, timed interleaved."""
+    shape = load_dataset(dataset, "test").input_shape
+    x = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0))
+    fns: dict[str, Any] = {}
+    for variant, row in files.items():
+        path = row["path"]
+        quantized = variant.startswith("int")
+        rt = load_runtime(path, batch_size=batch, cache=False)
+        dense = deepsqueeze.load(path).eval()
+        sess = onnx_session(export_onnx(path, int8=quantized), torch.get_num_threads())
+
+        def run_rt(m: Any = rt) -> None:
+            with torch.inference_mode():
+                m(x)
+
+        def run_pt(m: Any = dense) -> None:
+            with torch.inference_mode():
+                m(x)
+
+        fns[f"{variant}/runtime"] = run_rt
+        fns[f"{variant}/onnxruntime"] = lambda s=sess: s.run(None, {"input": x.numpy()})
+        fns[f"{variant}/pytorch"] = run_pt
+    samples = time_interleaved(fns, runs, warmup=2, max_seconds=240)
+    med = {k: statistics.median(v) for k, v in samples.items()}
+    base = med["fp32/pytorch"]
+    out: dict[str, Any] = {}
+    for key, sec in med.items():
+        variant, backend = key.split("/")
+        out.setdefault(variant, {})[backend] = {
+            "median_ms": sec * 1e3,
+            "throughput": batch / sec,
+            "speedup_vs_fp32_pytorch": base / sec,
+            "speedup_vs_fp32_same_backend": med[f"fp32/{backend}"] / sec,
+            "runs": len(samples[key]),
+        }
+    return out
+
+
+def run_model(key: str, qat_epochs: float, runs: int) -> dict[str, Any]:
+    model, dataset = key.split("/")
+    out = RUNS / f"{model}-{dataset}-files"
+    t0 = time.perf_counter()
+    files = make_files(model, dataset, qat_epochs, out)
+    made = time.perf_counter() - t0
+    fp32 = files["fp32"]
+    entry: dict[str, Any] = {
+        "model": model, "dataset": dataset,
+        "baseline_epochs": MODELS[key], "qat_epochs": qat_epochs,
+        "seconds_to_make_files": round(made, 1),
+        "variants": {
+            v: {"top1": r["top1"], "bytes": r["bytes"],
+                "ratio_vs_fp32_file": fp32["bytes"] / r["bytes"],
+                "top1_drop_points": 100 * (fp32["top1"] - r["top1"])}
+            for v, r in files.items()
+        },
+    }
+    for batch, n in ((1, runs * 4), (256, runs)):
+        entry[f"speed_batch{batch}"] = speed(files, dataset, batch, n)
+    return entry
+
+
+def plot(results: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = list(results["models"])
+    fig, axes = plt.subplots(len(keys), 3, figsize=(13, 3.2 * len(keys)), squeeze=False)
+    for row, key in enumerate(keys):
+        e = results["models"][key]
+        vs = list(e["variants"])
+        axes[row][0].bar(vs, [e["variants"][v]["ratio_vs_fp32_file"] for v in vs])
+        axes[row][0].set_title(f"{key}: file size ratio vs fp32")
+        axes[row][1].bar(vs, [100 * e["variants"][v]["top1"] for v in vs])
+        lo = min(100 * e["variants"][v]["top1"] for v in vs)
+        axes[row][1].set_ylim(lo - 1, 100)
+        axes[row][1].set_title("top-1 (%) of the file")
+        width = 0.27
+        for i, b in enumerate(BACKENDS):
+            vals = [e["speed_batch256"][v][b]["speedup_vs_fp32_pytorch"] for v in vs]
+            axes[row][2].bar([j + (i - 1) * width for j in range(len(vs))], vals, width,
+                             label=b)
+        axes[row][2].set_xticks(range(len(vs)), vs)
+        axes[row][2].axhline(1.0, color="k", lw=0.5)
+        axes[row][2].set_title("batch 256 throughput vs fp32 PyTorch")
+        axes[row][2].legend(fontsize=7)
+        for ax in axes[row]:
+            ax.tick_params(axis="x", labelsize=7)
+    fig.tight_layout()
+    fig.savefig(PLOT, dpi=90)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", action="append", help="model/dataset (repeatable)")
+    parser.add_argument("--qat-epochs", type=float, default=1.0)
+    parser.add_argument("--runs", type=int, default=10, help="timed rounds at batch 256 "
+                        "(4x at batch 1)")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    chosen = [k for k in MODELS if not args.only or k in args.only]
+    unknown = [k for k in args.only or [] if k not in MODELS]
+    if unknown:
+        sys.exit(f"unknown --only {unknown}; known: {list(MODELS)}")
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"models": {}}
+    for key in chosen:
+        t0 = time.perf_counter()
+        entry = run_model(key, args.qat_epochs, args.runs)
+        entry["seconds"] = round(time.perf_counter() - t0, 1)
+        entry["threads"] = args.threads
+        entry["machine"] = {"cpu": platform.processor() or platform.machine(),
+                            "torch": torch.__version__}
+        results["models"][key] = entry
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(RESULTS, "w") as fh:
+            json.dump(results, fh, indent=1)
+        print(json.dumps({k: v for k, v in entry.items() if k != "speed_batch1"}, indent=1)[:3000])
+    plot(results)
+
+
+if __name__ == "__main__":
+    main()
