@@ -194,14 +194,20 @@ class _Hashed(nn.Module):
         self._index: tuple[torch.device, torch.Tensor, torch.Tensor] | None = None
 
     def index(self, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(bucket index, sign)`` of every virtual weight, ``[rows, cols]`` int64 / float
-        (computed once per device and cached; not part of the state dict)."""
+        """``(bucket index, sign)`` of every virtual weight, ``[rows, cols]`` int32 / int8
+        (5 bytes per virtual weight; computed once per device and cached, in row blocks so the
+        int64 hashing temporaries stay small; not part of the state dict)."""
         device = self.weight_buckets.device if device is None else device
         if self._index is None or self._index[0] != device:
-            i = torch.arange(self.rows, device=device).unsqueeze(1)
+            idx = torch.empty(self.rows, self.cols, dtype=torch.int32, device=device)
+            sign = torch.empty(self.rows, self.cols, dtype=torch.int8, device=device)
             j = torch.arange(self.cols, device=device).unsqueeze(0)
-            idx, sign = hash_index(i, j, self.buckets, self.seed)
-            self._index = (device, idx, sign.to(torch.int8))
+            step = max(1, (1 << 20) // self.cols)
+            for r0 in range(0, self.rows, step):
+                i = torch.arange(r0, min(self.rows, r0 + step), device=device).unsqueeze(1)
+                b, s = hash_index(i, j, self.buckets, self.seed)
+                idx[r0:r0 + step], sign[r0:r0 + step] = b, s
+            self._index = (device, idx, sign)
         return self._index[1], self._index[2]
 
     def virtual_matrix(self) -> torch.Tensor:
@@ -223,7 +229,7 @@ class _Hashed(nn.Module):
         least-squares fit of ``weight``); empty buckets get 0."""
         w = weight.detach().reshape(self.rows, self.cols).to(self.weight_buckets)
         idx, sign = self.index(w.device)
-        flat = idx.reshape(-1)
+        flat = idx.reshape(-1).long()
         sums = torch.zeros(self.buckets, dtype=w.dtype, device=w.device)
         sums.index_add_(0, flat, (w * sign.to(w.dtype)).reshape(-1))
         counts = torch.bincount(flat, minlength=self.buckets).to(w.dtype)
