@@ -95,6 +95,27 @@ def test_select_kernel_equals_float_math(rows, cols, n):
 
 
 @needs_kernel
+@pytest.mark.parametrize(("c", "o", "k", "stride", "dilation", "hw", "n"), [
+    (1, 3, (5, 5), (1, 1), (1, 1), (9, 9), 2), (3, 4, (3, 2), (2, 1), (1, 2), (11, 70), 1),
+    (20, 8, (5, 5), (1, 1), (1, 1), (12, 12), 3), (2, 5, (1, 70), (1, 3), (1, 1), (3, 200), 2),
+    (7, 2, (3, 3), (3, 2), (2, 3), (20, 130), 1), (64, 3, (1, 1), (1, 1), (1, 1), (2, 65), 4),
+])
+def test_xnor_conv_kernel_equals_float_sign_math(c, o, k, stride, dilation, hw, n):
+    from deepsqueeze.runtime.executors.binary import binary_xnor_conv2d
+    from deepsqueeze.runtime.layers import ConvGeometry
+
+    w, x = sign(_rand(o, c, *k, seed=8)), _rand(n, c, *hw, seed=9)
+    geometry = ConvGeometry(c, o, k, stride, (0, 0), dilation, 1)
+    ref = F.conv2d(sign(x), w, None, stride, 0, dilation)
+    for threads in (1, 2):
+        y = binary_xnor_conv2d(pack_signs(w), geometry, None, None, x, threads=threads)
+        assert torch.equal(y, ref)
+    scale, bias = torch.rand(o) + 0.1, _rand(o, seed=10)
+    y = binary_xnor_conv2d(pack_signs(w), geometry, scale, bias, x)
+    torch.testing.assert_close(y, ref * scale.view(-1, 1, 1) + bias.view(-1, 1, 1))
+
+
+@needs_kernel
 def test_kernel_refuses_bad_arguments():
     fn = K.get_kernel().function("dsq_binary_xnor_linear", [ctypes.c_void_p, *[ctypes.c_int64] * 3,
                                                             ctypes.c_void_p, ctypes.c_int64,
@@ -126,6 +147,28 @@ def test_kernel_refuses_bad_arguments():
     assert call(rows=1 << 62, words=1 << 62) == K.DSQ_ESIZE  # rows x words overflows
     with pytest.raises(RuntimeInputError, match="float32"):
         binary_product("xnor", w, 4, 100, None, None, torch.zeros(2, 100, dtype=torch.float64))
+    conv = K.get_kernel().function("dsq_binary_xnor_conv2d", [ctypes.c_void_p, ctypes.c_int64,
+                                                              ctypes.c_void_p, ctypes.c_int64,
+                                                              ctypes.c_void_p, ctypes.c_int64,
+                                                              ctypes.c_void_p, ctypes.c_int64,
+                                                              ctypes.c_void_p, ctypes.c_int64,
+                                                              ctypes.c_void_p, ctypes.c_int64,
+                                                              ctypes.c_int64, ctypes.c_int64])
+    cw = pack_signs(sign(_rand(2, 3, 3, 3)))  # 2 x 27 columns: 1 word a row
+    xc, yc = torch.zeros(1, 3, 5, 5), torch.zeros(1, 2, 3, 3)
+    good = [3, 5, 5, 2, 3, 3, 1, 1, 1, 1, 3, 3]
+
+    def conv_call(geom, words=2, nx=75, ny=18):
+        g = torch.tensor(geom, dtype=torch.int64)
+        return conv(cw.data_ptr(), words, g.data_ptr(), g.numel(), None, 0, None, 0,
+                    xc.data_ptr(), nx, yc.data_ptr(), ny, 1, 1)
+
+    assert conv_call(good) == K.DSQ_OK
+    assert conv_call(good, words=3) == K.DSQ_ESIZE and conv_call(good, nx=74) == K.DSQ_ESIZE
+    assert conv_call(good[:11]) == K.DSQ_EINVAL  # 11 geometry values
+    assert conv_call([*good[:10], 4, 3]) == K.DSQ_EINVAL  # an output size torch would not give
+    assert conv_call([3, 5, 5, 2, 6, 3, 1, 1, 1, 1, 1, 3]) == K.DSQ_EINVAL  # kernel > input
+    assert conv_call([3, 5, 5, 2, 3, 3, 1, 1, 1 << 62, 1, 3, 3]) == K.DSQ_ESIZE  # overflow
     with pytest.raises(RuntimeInputError, match="sizes"):
         binary_product("xnor", w, 4, 129, None, None, torch.zeros(2, 129))  # 3 words a row
 
@@ -433,6 +476,16 @@ for rows, cols, n in [(1, 1, 1), (3, 63, 2), (7, 65, 3), (64, 513, 70), (130, 40
             y = binary_product(mode, bits, rows, cols, s, b, x, threads=t)
             xs = sign(x) if mode == "xnor" else x
             assert torch.allclose(y, xs @ w.T * s + b, rtol=1e-4, atol=1e-3), (mode, rows, cols)
+import torch.nn.functional as F
+from deepsqueeze.runtime.executors.binary import binary_xnor_conv2d
+from deepsqueeze.runtime.layers import ConvGeometry
+for c, o, k, st, d, hw in [(3, 4, (3, 2), (2, 1), (1, 2), (11, 70)), (2, 5, (1, 70), (1, 3),
+                                                                        (1, 1), (3, 200))]:
+    w, x = sign(torch.randn(o, c, *k, generator=g)), torch.randn(2, c, *hw, generator=g)
+    geom = ConvGeometry(c, o, k, st, (0, 0), d, 1)
+    for t in (1, 2):
+        y = binary_xnor_conv2d(pack_signs(w), geom, None, None, x, threads=t)
+        assert torch.equal(y, F.conv2d(sign(x), w, None, st, 0, d))
 print("SANITIZED-OK")
 """
 

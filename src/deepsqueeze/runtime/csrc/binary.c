@@ -83,13 +83,18 @@ int dsq_binary_pack(const float *x, int64_t x_floats, int64_t n, int64_t cols, u
 typedef struct {
     const uint64_t *w;
     const float *scale, *bias, *x;
-    const uint64_t *xbits; /* packed inputs (XNOR) */
+    const uint64_t *xbits; /* packed inputs (XNOR) or packed input rows (conv) */
     float *y;
     int64_t rows, cols, nw, n;
-    int64_t r0, r1; /* this worker's rows */
-    int select;     /* 0: XNOR, 1: sign-select */
+    int64_t r0, r1; /* this worker's units: rows (Linear) or (sample, output row) pairs (conv) */
+    int mode;       /* BIN_XNOR, BIN_SELECT, BIN_CONV */
     int status;
+    int64_t units, work;
+    const int64_t *g; /* conv geometry: C H W O KH KW SH SW DH DW OH OW */
+    int64_t pw;       /* conv: words per packed input row */
 } bin_job;
+
+enum { BIN_XNOR = 0, BIN_SELECT = 1, BIN_CONV = 2 };
 
 static inline float bin_out(const bin_job *J, int64_t r, float dot) {
     float v = J->scale ? J->scale[r] * dot : dot;
@@ -179,28 +184,79 @@ static void bin_select_rows(bin_job *J) {
     }
 }
 
+/* XNOR convolution, zero padding 0, groups 1: for each (sample, output row) unit, each
+   output position's patch (c, kh, kw order, as F.unfold) is gathered as bits from the packed
+   input rows, then cols - 2 popcount(patch ^ w[o]) for every output channel o. */
+static void bin_conv_rows(bin_job *J, uint64_t *patch) {
+    const int64_t *g = J->g;
+    const int64_t C = g[0], H = g[1], O = g[3], KH = g[4], KW = g[5], SH = g[6], SW = g[7];
+    const int64_t DH = g[8], DW = g[9], OH = g[10], OW = g[11];
+    const int64_t nw = J->nw, cols = J->cols, pw = J->pw;
+    const uint64_t last = cols % 64 ? (~0ULL >> (64 - cols % 64)) : ~0ULL;
+    const uint64_t kmask = KW >= 64 ? ~0ULL : ((1ULL << KW) - 1);
+    for (int64_t u = J->r0; u < J->r1; u++) {
+        const int64_t i = u / OH, oh = u % OH;
+        const uint64_t *planes = J->xbits + i * C * H * pw;
+        for (int64_t ow = 0; ow < OW; ow++) {
+            memset(patch, 0, (size_t)nw * sizeof(uint64_t));
+            int64_t k = 0;
+            for (int64_t c = 0; c < C; c++) {
+                for (int64_t kh = 0; kh < KH; kh++, k += KW) {
+                    const uint64_t *row = planes + (c * H + oh * SH + kh * DH) * pw;
+                    const int64_t w0 = ow * SW;
+                    if (DW == 1 && KW <= 64) {
+                        const int64_t q = w0 / 64, sh = w0 % 64;
+                        uint64_t bits = row[q] >> sh;
+                        if (sh && sh + KW > 64) bits |= row[q + 1] << (64 - sh);
+                        bits &= kmask;
+                        patch[k / 64] |= bits << (k % 64);
+                        if (k % 64 && k % 64 + KW > 64) patch[k / 64 + 1] |= bits >> (64 - k % 64);
+                    } else {
+                        for (int64_t kw = 0; kw < KW; kw++) {
+                            const int64_t col = w0 + kw * DW, kk = k + kw;
+                            patch[kk / 64] |= ((row[col / 64] >> (col % 64)) & 1ULL) << (kk % 64);
+                        }
+                    }
+                }
+            }
+            float *yo = J->y + (i * O * OH + oh) * OW + ow;
+            for (int64_t o = 0; o < O; o++) {
+                const int64_t miss = bin_mismatch(J->w + o * nw, patch, nw, last);
+                yo[o * OH * OW] = bin_out(J, o, (float)(cols - 2 * miss));
+            }
+        }
+    }
+}
+
 static void *bin_worker(void *arg) {
     bin_job *J = (bin_job *)arg;
-    if (J->select) {
+    if (J->mode == BIN_SELECT) {
         bin_select_rows(J);
-    } else {
+    } else if (J->mode == BIN_XNOR) {
         bin_xnor_rows(J);
+    } else {
+        uint64_t *patch = (uint64_t *)malloc((size_t)J->nw * sizeof(uint64_t));
+        if (!patch) {
+            J->status = BIN_ENOMEM;
+            return NULL;
+        }
+        bin_conv_rows(J, patch);
+        free(patch);
     }
     J->status = BIN_OK;
     return NULL;
 }
 
-/* Rows split over up to `threads` workers (the caller's thread is one of them). */
+/* Units split over up to `threads` workers (the caller's thread is one of them). */
 static int bin_run(bin_job *base, int64_t threads) {
-    int64_t work;
-    if (!bin_mul(base->rows, base->nw, &work) || !bin_mul(work, base->n, &work)) work = INT64_MAX;
     int64_t t = threads;
-    if (work < BIN_MIN_WORK) t = 1;
-    if (t > base->rows) t = base->rows;
+    if (base->work < BIN_MIN_WORK) t = 1;
+    if (t > base->units) t = base->units;
+    if (t < 1) return BIN_OK;
     bin_job jobs[BIN_MAX_THREADS];
     pthread_t tid[BIN_MAX_THREADS];
     int started[BIN_MAX_THREADS];
-    const int64_t per = base->rows / t, extra = base->rows % t;
+    const int64_t per = base->units / t, extra = base->units % t;
     int64_t r = 0;
     for (int64_t k = 0; k < t; k++) {
         jobs[k] = *base;
@@ -242,7 +298,9 @@ static int bin_product(const uint64_t *w, int64_t w_words, int64_t rows, int64_t
     if (!w) return BIN_EINVAL;
     if (n == 0) return BIN_OK;
     if (!x || !y) return BIN_EINVAL;
-    bin_job job = {w, scale, bias, x, NULL, y, rows, cols, nw, n, 0, rows, select, BIN_OK};
+    bin_job job = {w, scale, bias, x, NULL, y, rows, cols, nw, n, 0, rows,
+                   select ? BIN_SELECT : BIN_XNOR, BIN_OK, rows, 0, NULL, 0};
+    if (!bin_mul(words, n, &job.work)) job.work = INT64_MAX;
     uint64_t *xbits = NULL;
     if (!select) {
         if (xwords > (int64_t)(SIZE_MAX / sizeof(uint64_t))) return BIN_ESIZE;
@@ -281,4 +339,51 @@ int dsq_binary_select_linear(const uint64_t *w, int64_t w_words, int64_t rows, i
                              int64_t y_floats, int64_t n, int64_t threads) {
     return bin_product(w, w_words, rows, cols, scale, nscale, bias, nbias, x, x_floats, y,
                        y_floats, n, threads, 1);
+}
+
+/* XNOR convolution of binary inputs (zero padding 0, groups 1), y = scale * dot + bias per
+   output channel. geom: 12 int64 C H W O KH KW SH SW DH DW OH OW (OH, OW as torch computes them
+   without padding); w: O * ceil(C KH KW / 64) words; x: n * C * H * W floats (NCHW);
+   y: n * O * OH * OW floats (NCHW); scale, bias: O floats or NULL (count 0). */
+int dsq_binary_xnor_conv2d(const uint64_t *w, int64_t w_words, const int64_t *geom,
+                           int64_t ngeom, const float *scale, int64_t nscale, const float *bias,
+                           int64_t nbias, const float *x, int64_t x_floats, float *y,
+                           int64_t y_floats, int64_t n, int64_t threads) {
+    if (!geom || ngeom != 12 || n < 0 || threads < 1 || threads > BIN_MAX_THREADS)
+        return BIN_EINVAL;
+    int64_t g[12];
+    for (int k = 0; k < 12; k++) {
+        g[k] = geom[k];
+        if (g[k] < 1) return BIN_EINVAL;
+    }
+    const int64_t C = g[0], H = g[1], W = g[2], O = g[3], KH = g[4], KW = g[5];
+    int64_t span_h, span_w, cols, t, words, xin, yout, planes, units;
+    if (!bin_mul(g[8], KH - 1, &span_h) || !bin_mul(g[9], KW - 1, &span_w)) return BIN_ESIZE;
+    if (span_h >= H || span_w >= W) return BIN_EINVAL;
+    if (g[10] != (H - span_h - 1) / g[6] + 1 || g[11] != (W - span_w - 1) / g[7] + 1)
+        return BIN_EINVAL;
+    const int64_t pw = bin_words(W);
+    if (!bin_mul(C, KH, &t) || !bin_mul(t, KW, &cols)) return BIN_ESIZE;
+    const int64_t nw = bin_words(cols);
+    if (!bin_mul(O, nw, &words) || !bin_mul(n, C, &t) || !bin_mul(t, H, &t) ||
+        !bin_mul(t, W, &xin) || !bin_mul(n, O, &t) || !bin_mul(t, g[10], &t) ||
+        !bin_mul(t, g[11], &yout) || !bin_mul(n, C, &t) || !bin_mul(t, H, &t) ||
+        !bin_mul(t, pw, &planes) || !bin_mul(n, g[10], &units))
+        return BIN_ESIZE;
+    if (w_words != words || x_floats != xin || y_floats != yout) return BIN_ESIZE;
+    if ((scale && nscale != O) || (!scale && nscale != 0)) return BIN_ESIZE;
+    if ((bias && nbias != O) || (!bias && nbias != 0)) return BIN_ESIZE;
+    if (!w) return BIN_EINVAL;
+    if (n == 0) return BIN_OK;
+    if (!x || !y) return BIN_EINVAL;
+    if (planes > (int64_t)(SIZE_MAX / sizeof(uint64_t))) return BIN_ESIZE;
+    uint64_t *xbits = (uint64_t *)malloc((size_t)planes * sizeof(uint64_t));
+    if (!xbits) return BIN_ENOMEM;
+    bin_pack_rows(x, n * C * H, W, xbits);
+    bin_job job = {w, scale, bias, x, xbits, y, O, cols, nw, n, 0, units, BIN_CONV, BIN_OK,
+                   units, 0, g, pw};
+    if (!bin_mul(yout, nw, &job.work)) job.work = INT64_MAX;
+    const int status = bin_run(&job, threads);
+    free(xbits);
+    return status;
 }

@@ -50,6 +50,7 @@ __all__ = [
     "BinaryTorchConv2d",
     "BinaryTorchLinear",
     "binary_product",
+    "binary_xnor_conv2d",
     "pack_signs",
     "read_binary",
     "unpack_signs",
@@ -149,7 +150,8 @@ register_layer_form(BinaryConv2d, read_binary)
 
 _i64, _vp = ctypes.c_int64, ctypes.c_void_p
 _PRODUCT_ARGS = [_vp, _i64, _i64, _i64, _vp, _i64, _vp, _i64, _vp, _i64, _vp, _i64, _i64, _i64]
-_ENTRY = {"xnor": "dsq_binary_xnor_linear", "select": "dsq_binary_select_linear"}
+_ENTRY = {"xnor": "dsq_binary_xnor_linear", "select": "dsq_binary_select_linear",
+          "xnor-conv": "dsq_binary_xnor_conv2d"}
 
 
 def _c_function(mode: str) -> Any:
@@ -183,6 +185,41 @@ def binary_product(mode: str, bits: torch.Tensor, rows: int, cols: int,
     t = torch.get_num_threads() if threads is None else int(threads)
     y = torch.empty(n, rows, dtype=_F32)
     rc = fn(bits.data_ptr(), bits.numel(), rows, cols, _ptr(scale),
+            0 if scale is None else scale.numel(), _ptr(bias), 0 if bias is None else bias.numel(),
+            x.data_ptr(), x.numel(), y.data_ptr(), y.numel(), n, max(1, min(MAX_THREADS, t)))
+    if rc:
+        check_rc(rc, who)
+    return y
+
+
+def binary_xnor_conv2d(bits: torch.Tensor, geometry: ConvGeometry, scale: torch.Tensor | None,
+                      bias: torch.Tensor | None, x: torch.Tensor, threads: int | None = None,
+                      who: str = "binary conv") -> torch.Tensor:
+    """The C XNOR convolution of a ``[N, C, H, W]`` contiguous float32 ``x`` (binarized) with
+    packed +-1 weights (zero padding 0, groups 1): ``[N, O, OH, OW]``, ``scale * dot + bias``
+    per channel. :class:`RuntimeInputError` without the kernel or on bad arguments."""
+    fn = _c_function("xnor-conv")
+    if fn is None:
+        raise RuntimeInputError(f"{who}: the C kernel is not available")
+    g = geometry
+    if g.groups != 1 or tuple(g.padding) != (0, 0):
+        raise RuntimeInputError(f"{who}: the XNOR convolution needs groups 1 and padding 0")
+    for t in (bits, scale, bias, x):
+        if t is not None and (not t.is_cpu or not t.is_contiguous()):
+            raise RuntimeInputError(f"{who}: every tensor must be contiguous on the CPU")
+    if bits.dtype != torch.int64 or x.dtype != _F32 or x.dim() != 4 or any(
+            t is not None and t.dtype != _F32 for t in (scale, bias)):
+        raise RuntimeInputError(f"{who}: expected int64 words, float32 scale/bias and a 4-D "
+                                "float32 input")
+    n, c, h, w = x.shape
+    oh, ow = g.out_size(h, w)
+    if oh < 1 or ow < 1:
+        raise RuntimeInputError(f"{who}: input plane {h}x{w} is smaller than the kernel")
+    vec = torch.tensor([c, h, w, g.out_channels, *g.kernel_size, *g.stride, *g.dilation, oh,
+                        ow], dtype=torch.int64)
+    y = torch.empty(n, g.out_channels, oh, ow, dtype=_F32)
+    t = torch.get_num_threads() if threads is None else int(threads)
+    rc = fn(bits.data_ptr(), bits.numel(), vec.data_ptr(), vec.numel(), _ptr(scale),
             0 if scale is None else scale.numel(), _ptr(bias), 0 if bias is None else bias.numel(),
             x.data_ptr(), x.numel(), y.data_ptr(), y.numel(), n, max(1, min(MAX_THREADS, t)))
     if rc:
@@ -268,8 +305,9 @@ def _geometry(module: nn.Module) -> ConvGeometry:
 
 
 class BinaryKernelConv2d(_Held, _ConvBase):
-    """A BinaryConv2d (groups = 1) as ``F.unfold`` and the C product on packed bits; ``xnor``
-    (binary inputs, zero padding 0: a padded zero has no sign) or ``select``."""
+    """A BinaryConv2d (groups = 1) by the C kernel on packed bits: ``xnor`` (binary inputs,
+    zero padding 0: a padded zero has no sign) gathers each patch's bits straight from the
+    packed input rows; ``select`` runs ``F.unfold`` and the sign-select product."""
 
     def __init__(self, form: BinaryForm, bias: torch.Tensor | None, geometry: ConvGeometry,
                  mode: str) -> None:
@@ -278,7 +316,10 @@ class BinaryKernelConv2d(_Held, _ConvBase):
         self.mode, self.binary_input = mode, form.binary_input
 
     def run(self, x: torch.Tensor, oh: int, ow: int) -> torch.Tensor:
-        if self.binary_input and self.mode == "select":
+        if self.mode == "xnor":  # patches gathered as bits in C, no im2col
+            return binary_xnor_conv2d(self.bits, self.geometry, self.weight_scale, self.bias, x,
+                                      who=self.who())
+        if self.binary_input:
             x = sign(x)  # binarized before the zero padding, as the layer does
         cols = self._unfold(x)  # [N, C*kh*kw, L]
         n, ckk, positions = cols.shape
