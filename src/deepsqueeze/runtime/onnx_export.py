@@ -159,6 +159,8 @@ def _int8_initializers(data: bytes) -> bytes:
                 if attr.name == "value":
                     consts[node.output[0]] = numpy_helper.to_array(attr.t)
                     const_nodes[node.output[0]] = node
+        elif node.op_type == "Identity" and node.input[0] in consts:  # deduplicated constants
+            consts[node.output[0]] = consts[node.input[0]]
     drop = []
     for node in graph.node:
         if node.op_type != "QuantizeLinear" or node.input[0] not in consts:
@@ -191,6 +193,7 @@ def _int8_initializers(data: bytes) -> bytes:
         drop.append(node)
     for node in drop:
         graph.node.remove(node)
+    _drop_identity_batchnorms(graph, consts)
     used = {i for n in graph.node for i in n.input}
     for name, node in const_nodes.items():
         if name not in used:
@@ -201,3 +204,28 @@ def _int8_initializers(data: bytes) -> bytes:
     graph.initializer.extend(keep)
     onnx.checker.check_model(model)
     return model.SerializeToString()
+
+
+def _drop_identity_batchnorms(graph: Any, consts: dict[str, Any]) -> None:
+    """Remove BatchNormalization nodes that compute the identity (the BatchNorms ``quantize``
+    folded into their convolutions): they would sit between a convolution and the next
+    QuantizeLinear and keep onnxruntime from fusing the pair into an integer QLinearConv."""
+    import numpy as np
+
+    outputs = {o.name for o in graph.output}
+    for node in list(graph.node):
+        if node.op_type != "BatchNormalization" or len(node.input) != 5:
+            continue
+        if node.output[0] in outputs or not all(n in consts for n in node.input[1:]):
+            continue
+        eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
+        scale, bias, mean, var = (np.asarray(consts[n], np.float64) for n in node.input[1:])
+        if not (np.all(scale == 1) and np.all(bias == 0) and np.all(mean == 0)
+                and np.allclose(var + eps, 1.0, rtol=0, atol=1e-6)):
+            continue
+        src, dst = node.input[0], node.output[0]
+        graph.node.remove(node)
+        for user in graph.node:
+            for i, name in enumerate(user.input):
+                if name == dst:
+                    user.input[i] = src
