@@ -38,7 +38,16 @@ def main() -> None:
     ap.add_argument("--epochs", type=float, default=0.0, help="fine-tuning per grid point")
     ap.add_argument("--finetune-samples", type=int, default=None)
     ap.add_argument("--methods", default=None, help="comma separated (default: all installed)")
+    ap.add_argument("--replot", action="store_true",
+                    help="only redraw the PNG from the committed JSON")
     args = ap.parse_args()
+    if args.replot:
+        from deepsqueeze.analysis.pareto import ParetoResult
+
+        saved = json.loads((ROOT / "benchmarks" / "results" / f"pareto-{args.name}.json")
+                           .read_text())
+        ParetoResult.from_dict(saved).plot(ROOT / "docs" / f"pareto-{args.name}.png")
+        return
     torch.set_num_threads(1)
     load_before = os.getloadavg()[0]
     t0 = time.perf_counter()

@@ -77,6 +77,12 @@ class ParetoResult:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ParetoResult:
+        names = set(cls.__dataclass_fields__)
+        fields = {k: v for k, v in data.items() if k in names and k != "points"}
+        return cls(**fields, points=[GridPoint(**p) for p in data.get("points", [])])
+
     def plot(self, path: str | Path) -> Path:
         """Accuracy against file bytes (log) and against batch-1 runtime latency, one colour per
         method, frontiers drawn as steps (PNG)."""
@@ -109,8 +115,12 @@ class ParetoResult:
             ax.set_xlabel(xlabel)
             ax.set_ylabel("validation top-1 (%)")
             lo = min([100 * (p.val_accuracy or 0) for p in ok] + [100 * self.dense_val_accuracy])
-            ax.set_ylim(max(lo - 2, 100 * self.dense_val_accuracy - 30),
-                        100 * self.dense_val_accuracy + 2)
+            floor = max(lo - 2, 100 * self.dense_val_accuracy - 30)
+            ax.set_ylim(floor, 100 * self.dense_val_accuracy + 2)
+            below = sum(100 * (p.val_accuracy or 0) < floor for p in ok)
+            if below:
+                ax.set_title(f"{below} point(s) below {floor:.0f}% not shown (in the JSON)",
+                             fontsize=8)
             if attr == "file_bytes":
                 ax.set_xscale("log")
             ax.grid(alpha=0.3)
