@@ -411,7 +411,7 @@ int dsq_conv_sparse(const dsq_conv_layer *L, const int64_t *g, int64_t ng, const
         J.pool < 1 || J.relu < 0 || J.relu > 1)
         return DSQ_CONV_EGEOMETRY;
     if (threads < 1 || threads > MAX_THREADS || J.algo < 0 || J.algo > 1) return DSQ_CONV_EINVAL;
-    if (J.algo == 1 && (L->mode == 3 || !L->cb || L->ncb < 1 || L->ncb > MAX_GROUP_CB))
+    if (J.algo == 1 && (L->mode == 3 || L->ncb < 0 || L->ncb > MAX_GROUP_CB))
         return DSQ_CONV_EINVAL;
     if (J.C % J.groups || L->rows % J.groups) return DSQ_CONV_EGEOMETRY;
     int64_t t, taps, span_h, span_w, hp, wp, need_x, need_y;
