@@ -191,3 +191,22 @@ def test_cli_plan_out_of_reach_and_bad_options(tmp_path: Path, capsys, tiny):
     assert len(json.loads((tmp_path / "s" / "sensitivity.json").read_text())["points"]) == 8
     code, _, err = run_cli(["report", tmp_path / "nothing-here"], capsys)
     assert code == 2 and "not a folder" in err
+
+
+def test_report_survives_a_forged_plan_json(tmp_path: Path):
+    from deepsqueeze.analysis.report import _plan_section, _read_json, render_html
+    from deepsqueeze.errors import DeepSqueezeError
+
+    forged = {"target_bytes": "lots", "target_ratio": [1], "max_drop_points": None,
+              "rounds": [{"round": "<script>x</script>", "file_bytes": {"a": 1}}, 7],
+              "best": 0, "methods": 5, "message": "<img src=x onerror=alert(1)>"}
+    sec = _plan_section(forged)
+    page = render_html("t", [sec], tmp_path)
+    assert "<script>x" not in page and "<img src=x" not in page  # escaped, not markup
+    assert "n/a" in page
+    (tmp_path / "plan.json").write_text("{not json")
+    with pytest.raises(DeepSqueezeError, match="not valid JSON"):
+        _read_json(tmp_path / "plan.json")
+    (tmp_path / "plan.json").write_text("[1, 2]")
+    with pytest.raises(DeepSqueezeError, match="JSON object"):
+        _read_json(tmp_path / "plan.json")

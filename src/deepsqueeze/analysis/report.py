@@ -69,12 +69,22 @@ def find_model(folder: Path) -> Path:
     return found[0]
 
 
-def _pct(v: float | None) -> str:
-    return "n/a" if v is None else f"{100 * v:.2f}%"
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def _num(v: float | int | None, fmt: str = ",") -> str:
-    return "n/a" if v is None else format(v, fmt)
+def _as_list(v: Any) -> list[Any]:
+    return v if isinstance(v, list) else []
+
+
+def _pct(v: Any) -> str:
+    """A fraction as a percentage; anything but a number (plan.json is read from the folder,
+    not trusted) is shown as n/a."""
+    return f"{100 * v:.2f}%" if _is_number(v) else "n/a"
+
+
+def _num(v: Any, fmt: str = ",") -> str:
+    return format(v, fmt) if _is_number(v) else "n/a"
 
 
 def layers_plot(rows: list[Any], path: Path, title: str) -> Path:
@@ -252,10 +262,10 @@ def build_report(
 def _plan_section(plan: dict[str, Any]) -> Section:
     sec = Section("Plan")
     best = None
-    rounds = plan.get("rounds") or []
+    rounds = [r for r in _as_list(plan.get("rounds")) if isinstance(r, dict)]
     if isinstance(plan.get("best"), int) and 0 <= plan["best"] < len(rounds):
         best = rounds[plan["best"]]
-    sec.paragraphs.append(str(plan.get("message", "")))
+    sec.paragraphs.append(str(plan.get("message", ""))[:2000])
     sec.tables.append((["", "value"], [
         ["target", f"{_num(plan.get('target_bytes'))} bytes "
                    f"({_num(plan.get('target_ratio'), '.1f')}x), at most "
@@ -264,7 +274,7 @@ def _plan_section(plan: dict[str, Any]) -> Section:
                                                f"{_pct(plan.get('baseline_test_accuracy'))}"],
         ["validation split", f"{_num(plan.get('val_samples'))} samples carved from the "
                              f"training split; fine-tuning on {_num(plan.get('fit_samples'))}"],
-        ["methods swept", ", ".join(map(str, plan.get("methods", [])))],
+        ["methods swept", ", ".join(map(str, _as_list(plan.get("methods"))))[:500]],
         ["seconds (sensitivity / all)", f"{_num(plan.get('sensitivity_seconds'), '.0f')} / "
                                         f"{_num(plan.get('seconds'), '.0f')}"],
     ]))
@@ -282,7 +292,7 @@ def _plan_section(plan: dict[str, Any]) -> Section:
         sec.tables.append((["layer", "option", "one-shot drop (points)", "layer bytes"],
                            [[str(c.get("layer")), str(c.get("label")),
                              _num(c.get("drop_points"), "+.2f"), _num(c.get("bytes"))]
-                            for c in best.get("choices", [])]))
+                            for c in _as_list(best.get("choices")) if isinstance(c, dict)]))
     return sec
 
 
