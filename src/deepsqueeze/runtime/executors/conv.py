@@ -330,8 +330,10 @@ _WINOGRAD = {
 
 class WinogradConv2d(_DenseWeightConv):
     """Winograd F(m x m, 3 x 3): the weight is transformed once (``U = G g G^T``, computed in
-    float64); each call transforms the input tiles (``B^T d B``), multiplies ``U`` and the tiles
-    as one batched matmul per tile point and group, and transforms back (``A^T M A``)."""
+    float64). Each call is three GEMMs: all input tiles transformed at once (``B^T d B`` as
+    ``kron(B^T, B^T)`` times the tiles, one column per tile and channel), ``U`` times the
+    transformed tiles per tile point and group, and the inverse transform ``A^T M A`` as
+    ``kron(A^T, A^T)`` times the products."""
 
     def __init__(self, form: CompressedMatrix, bias: torch.Tensor | None,
                  geometry: ConvGeometry, m: int) -> None:
@@ -342,8 +344,8 @@ class WinogradConv2d(_DenseWeightConv):
         bt, gm, at = (torch.tensor(t, dtype=torch.float64) for t in _WINOGRAD[m])
         self._g = gm
         super().__init__(form, bias, geometry)
-        self._bt, self._b = bt.float(), bt.t().contiguous().float()
-        self._at, self._a = at.float(), at.t().contiguous().float()
+        self._s = torch.kron(bt, bt).float()  # [a*a, a*a]: input tile transform
+        self._t = torch.kron(at, at).float()  # [m*m, a*a]: output tile transform
 
     def _prepare(self) -> None:
         g = self.geometry
@@ -360,18 +362,14 @@ class WinogradConv2d(_DenseWeightConv):
         xp = F.pad(x, (pw, pw + tw * m + 2 - (x.shape[3] + 2 * pw),
                        ph, ph + th * m + 2 - (x.shape[2] + 2 * ph)))
         tiles = xp.unfold(2, a, m).unfold(3, a, m)  # [n, C, th, tw, a, a]
-        v = self._bt @ tiles @ self._b
-        v = v.permute(4, 5, 1, 0, 2, 3).reshape(a * a, g.groups, c // g.groups, n * th * tw)
-        mm = torch.matmul(self.u, v)  # [a*a, G, O/G, P]
-        mm = mm.view(a, a, g.out_channels, n, th, tw).permute(3, 2, 4, 5, 0, 1)
-        y = self._at @ mm @ self._a  # [n, O, th, tw, m, m]
-        y = y.permute(0, 1, 2, 4, 3, 5).reshape(n, g.out_channels, th * m, tw * m)
+        d = tiles.permute(4, 5, 1, 0, 2, 3).reshape(a * a, -1)  # [a*a, C * n * th * tw]
+        v = (self._s @ d).view(a * a, g.groups, c // g.groups, n * th * tw)
+        mm = torch.matmul(self.u, v)  # [a*a, G, O/G, n * th * tw]
+        y = (self._t @ mm.view(a * a, -1)).view(m, m, g.out_channels, n, th, tw)
+        y = y.permute(3, 2, 4, 0, 5, 1).reshape(n, g.out_channels, th * m, tw * m)
         y = y[:, :, :oh, :ow]
         y = y + self.bias.view(1, -1, 1, 1) if self.bias is not None else y.contiguous()
         return self._post(y)
-
-    def extra_bytes(self) -> int:
-        return 0
 
 
 class FFTConv2d(_DenseWeightConv):
