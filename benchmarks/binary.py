@@ -18,6 +18,7 @@ onnxruntime on the same sizes, all timed interleaved in one run (round-robin rou
 from __future__ import annotations
 
 import argparse
+import fcntl
 import io
 import json
 import os
@@ -90,21 +91,21 @@ def run_accuracy(args: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:
         t0 = time.perf_counter()
         result = train(name, "mnist", epochs=epochs, lr=args.lr, optimizer="adam",
                        weight_decay=0.0, batch_size=args.batch_size, lr_schedule="cosine",
-                       seed=0, model_kwargs=kwargs, progress=False,
+                       seed=0, model_kwargs=kwargs, progress=False, subset=args.subset,
                        out=tmp / f"{name}-{variant}")
         train_s = time.perf_counter() - t0
         unfolded = dsq.save(result.model.eval(), tmp / f"{name}-{variant}-bn.dsq")
         path = tmp / f"{name}-{variant}.dsq"
         report = dsq.save(fold_batchnorm(result.model), path)  # BatchNorm folded in
-        scored = evaluate(path, "mnist", measure_speed=False)
+        scored = evaluate(path, "mnist", measure_speed=False, subset=args.subset)
         rt = load_runtime(path, batch_size=256)
-        rt_scored = evaluate(rt, "mnist", measure_speed=False)
+        rt_scored = evaluate(rt, "mnist", measure_speed=False, subset=args.subset)
         rows.append({
             "model": name, "variant": variant, "options": kwargs, "epochs": epochs,
             "train_seconds": round(train_s, 1),
             "train_accuracy_history": [h.get("test_accuracy") for h in result.fit.history],
-            "error_pct_file": round(100 * (1 - scored.accuracy), 2),
-            "error_pct_runtime": round(100 * (1 - rt_scored.accuracy), 2),
+            "error_pct_file": round(100 * (1 - scored.top1_accuracy), 2),
+            "error_pct_runtime": round(100 * (1 - rt_scored.top1_accuracy), 2),
             "runtime_executors": runtime_info(rt).choices(),
             "file_bytes": report.file_bytes,
             "file_bytes_batchnorm_unfolded": unfolded.file_bytes,
@@ -277,6 +278,7 @@ def main() -> None:
     p.add_argument("--lenet5-epochs", type=float, default=4)
     p.add_argument("--lr", type=float, default=0.005)
     p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--subset", type=int, default=None, help="samples (smoke tests only)")
     p.add_argument("--only", nargs="*", default=None, help="configs whose key contains these")
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 256])
@@ -284,7 +286,6 @@ def main() -> None:
     p.add_argument("--min-s", type=float, default=0.2, help="seconds of work per timing round")
     args = p.parse_args()
     torch.set_num_threads(1)
-    old = json.loads(args.out.read_text()) if args.out.is_file() else {}
     result: dict[str, Any] = {
         "benchmark": "binary", "commit": _git_commit(), "machine": {
             "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
@@ -294,21 +295,24 @@ def main() -> None:
     }
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        if args.part in ("accuracy", "all"):
-            result["accuracy"] = {
-                "settings": {"hidden": args.hidden, "mlp_epochs": args.mlp_epochs,
-                             "lenet5_epochs": args.lenet5_epochs, "optimizer": "adam",
-                             "lr": args.lr, "batch_size": args.batch_size,
-                             "torch_threads": 1},
-                "rows": run_accuracy(args, tmp)}
-        else:
-            result["accuracy"] = old.get("accuracy")
-        if args.part in ("speed", "all"):
-            result["speed"] = run_speed(args, tmp)
-        else:
-            result["speed"] = old.get("speed")
+        accuracy = run_accuracy(args, tmp) if args.part in ("accuracy", "all") else None
+        speed = run_speed(args, tmp) if args.part in ("speed", "all") else None
+    settings = {"hidden": args.hidden, "mlp_epochs": args.mlp_epochs,
+                "lenet5_epochs": args.lenet5_epochs, "optimizer": "adam", "lr": args.lr,
+                "batch_size": args.batch_size, "torch_threads": 1}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    with open(args.out.with_suffix(".lock"), "w") as lock:  # --only runs may finish together
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        old = json.loads(args.out.read_text()) if args.out.is_file() else {}
+        result["accuracy"] = old.get("accuracy")
+        if accuracy is not None:  # rows of configs not run now are kept
+            ran = {(r["model"], r["variant"]) for r in accuracy}
+            kept = [r for r in (old.get("accuracy") or {}).get("rows", [])
+                    if (r["model"], r["variant"]) not in ran]
+            result["accuracy"] = {"settings": settings, "rows": kept + accuracy}
+        result["speed"] = speed if speed is not None else old.get("speed")
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    args.out.with_suffix(".lock").unlink(missing_ok=True)
     print(f"wrote {args.out.relative_to(REPO) if args.out.is_relative_to(REPO) else args.out}")
 
 
