@@ -352,7 +352,9 @@ def plan(
     candidates: dict[str, list[Point]] = {}
     for layer in layers:
         keep = Point(layer, [], "dense", sens_base, 0.0, dense[layer], dense[layer], 0.0)
-        candidates[layer] = [keep] + [p for p in points if p.layer == layer and p.error is None]
+        # a point that also changed other layers (channel pruning) is not additive: left out
+        candidates[layer] = [keep] + [p for p in points if p.layer == layer and p.error is None
+                                      and p.other_bytes == 0]
     rest = sum(ref.bytes.values()) - sum(dense.values())  # tensors outside the swept layers
     overhead = dense_file.file_bytes - sum(ref.bytes.values())
     budget = target - overhead - rest

@@ -5,8 +5,8 @@ the method's own ``apply``/``finalize``, as a recipe stage would, no fine-tuning
 accuracy is measured on the validation split and its bytes are the real encoded bytes of the
 tensors it changed (each through the codec's smallest lossless encoding, as ``save`` writes
 them). A method that also changes other layers (channel pruning shrinks the next layer's
-inputs) is charged for those too: a point's ``bytes`` is the layer's dense encoded bytes plus
-the change of the whole model's encoded bytes.
+inputs) has that change recorded apart (``other_bytes``): a point's ``bytes`` are the layer's
+own tensors.
 """
 
 from __future__ import annotations
@@ -59,16 +59,24 @@ class TensorBytes:
         """Dense encoded bytes of ``layer``'s tensors."""
         return sum(b for k, b in self.bytes.items() if k.startswith(f"{layer}."))
 
-    def delta(self, model: nn.Module) -> int:
-        """Encoded bytes of ``model``'s tensors minus the reference's."""
+    def measure(self, model: nn.Module, layer: str) -> tuple[int, int]:
+        """``(bytes of layer's tensors, change of every other tensor's bytes)`` of ``model``
+        against the reference (the second is nonzero when a method also changed a neighbour,
+        e.g. channel pruning shrinking the next layer's inputs)."""
         state, _ = plain_state(model)
-        total = 0
+        own = other = 0
         for key, tensor in state.items():
             ref = self.reference.get(key)
             same = (ref is not None and ref.shape == tensor.shape and ref.dtype == tensor.dtype
                     and torch.equal(ref, tensor))
-            total += self.bytes[key] if same else self._encode(key, tensor)
-        return total - sum(self.bytes.values())
+            nbytes = self.bytes[key] if same else self._encode(key, tensor)
+            if key.startswith(f"{layer}."):
+                own += nbytes
+            else:
+                other += nbytes - self.bytes.get(key, 0)
+        removed = [k for k in self.reference if k not in state and not k.startswith(f"{layer}.")]
+        other -= sum(self.bytes[k] for k in removed)
+        return own, other
 
 
 @dataclass
@@ -84,6 +92,9 @@ class Point:
     dense_bytes: int
     seconds: float
     error: str | None = None
+    other_bytes: int = 0
+    """Change of the other layers' bytes (channel pruning shrinks its consumers): a point
+    with a nonzero change is not additive across layers, so the planner leaves it out."""
 
     @property
     def method(self) -> str:
@@ -128,16 +139,19 @@ class SensitivityResult:
     def table(self) -> Table:
         table = Table(title=f"sensitivity of {self.model} on the {self.dataset} validation split "
                             f"({self.val_samples} samples, baseline {self.baseline_accuracy:.2%})")
-        for col in ("layer", "option", "accuracy", "drop (points)", "bytes", "layer ratio"):
+        for col in ("layer", "option", "accuracy", "drop (points)", "bytes", "layer ratio",
+                    "other layers"):
             table.add_column(col, justify="left" if col in ("layer", "option") else "right")
         for p in self.points:
             if p.error is not None:
-                table.add_row(p.layer, p.label, "-", "-", "-", f"not applicable: {p.error}"[:60])
+                table.add_row(p.layer, p.label, "-", "-", "-", f"not applicable: {p.error}"[:60],
+                              "-")
                 continue
             assert p.accuracy is not None and p.bytes is not None and p.drop_points is not None
             ratio = p.dense_bytes / p.bytes if p.bytes > 0 else math.inf
             table.add_row(p.layer, p.label, f"{p.accuracy:.2%}", f"{p.drop_points:+.2f}",
-                          f"{p.bytes:,}", f"{ratio:.1f}x")
+                          f"{p.bytes:,}", f"{ratio:.1f}x",
+                          f"{p.other_bytes:+,}" if p.other_bytes else "")
         return table
 
     def plot(self, path: str | Path) -> Path:
@@ -216,10 +230,10 @@ def measure(
                                     dense[layer], time.perf_counter() - t0, str(exc)[:300]))
                 continue
             acc = accuracy_and_loss(work.eval(), x, y).accuracy
-            nbytes = dense[layer] + ref.delta(work)
+            nbytes, other = ref.measure(work, layer)
             points.append(Point(layer, option.to_dict(), option.label, acc,
                                 100 * (baseline - acc), nbytes, dense[layer],
-                                time.perf_counter() - t0))
+                                time.perf_counter() - t0, other_bytes=other))
     return baseline, dense, points
 
 
