@@ -5,7 +5,8 @@ Byte layout (the full spec is docs/format.md)::
     0   8  magic            b"\\x89DSQ\\r\\n\\x1a\\n"
     8   2  major version    u16 = 1
     10  2  minor version    u16 = 0
-    12  4  flags            u32; bit 0: the manifest is raw-deflate compressed
+    12  4  flags            u32; bit 0: the manifest is raw-deflate compressed; bit 2 (only
+                            with bit 0): deflated with preset dictionary 1 (MANIFEST_DICTIONARY_1)
     16  4  stored length    u32, bytes of the manifest as stored
     20  4  manifest length  u32, bytes of the manifest JSON (after inflating)
     24  4  crc32            u32, CRC-32 of header bytes 0..23 followed by the stored manifest
@@ -41,7 +42,49 @@ VERSION = (1, 0)
 HEADER = struct.Struct("<8sHHIIII")
 HEADER_SIZE = HEADER.size  # 28
 FLAG_DEFLATE = 1
-KNOWN_FLAGS = FLAG_DEFLATE
+FLAG_DICTIONARY_1 = 4  # bit 2; bit 1 stays reserved
+KNOWN_FLAGS = FLAG_DEFLATE | FLAG_DICTIONARY_1
+
+# Preset dictionary 1 of the manifest's raw deflate stream (zlib ``zdict``): the strings that
+# manifests repeat (keys, encoding and dtype names, layer-name fragments, a typical section
+# table), the most frequent last (deflate reaches nearer bytes with shorter distance codes).
+# Specified byte for byte in docs/format.md; NEVER change it once written (files depend on its
+# exact bytes): a new dictionary gets a new flag bit and a new constant.
+MANIFEST_DICTIONARY_1 = "".join((
+    '"sparse-bitmap","bfloat16","float16","int64","int32","uint8","bool",',
+    '"lenet5-classic","resnet20","resnet56","mobilenet-tiny","fashion-mnist","cifar10",',
+    '"LowRankLinear","LowRankConv2d","TuckerConv2d","HashedLinear","HashedConv2d",',
+    '"CirculantLinear","BinaryLinear","BinaryConv2d","QuantLinear","QuantConv2d",',
+    '"binary_input":false,"scaled":true,"rank":,"in_channels":1,"out_channels":,',
+    '"kernel_size":,"stride":,"padding":,"groups":1,"input_scale","input_zero_point",',
+    '"weight_scale","buckets","modules":{"fc1":{"type":',
+    '"config":{"in_features":784,"out_features":300,"bias":true},',
+    '"recipe":"deep-compression-lenet300","dataset":"mnist"}',
+    '{"sections":[{"name":"conv1.weight:index","offset":0,"length":,"crc32":},',
+    '{"name":"conv2.bias:data","offset":,"length":,"crc32":},',
+    '{"name":"fc1.weight:codebook","offset":,"length":,"crc32":},',
+    '{"name":"fc2.weight:values","offset":,"length":,"crc32":},',
+    '{"name":"fc3.bias:data","offset":,"length":,"crc32":}],',
+    '"meta":{"format":"deepsqueeze-model","model":{"name":"lenet300","kwargs":{',
+    '"num_classes":10,"in_features":784}},"dense_parameters":266610,"parameters":[',
+    '"fc1.weight","fc1.bias","fc2.weight","fc2.bias","fc3.weight","fc3.bias"],"tensors":[',
+    '{"name":"conv1.bias","shape":[20],"encoding":"dense","dtype":"float32"},',
+    '{"name":"conv2.weight","shape":[50,20,5,5],"encoding":"codebook","codebook_size":16,',
+    '"value_bits":4,"value_coding":"huffman","dtype":"int8"},',
+    '{"name":"fc1.weight","shape":[300,784],"index_bits":8,"entries":,"index_coding":"fixed",',
+    '"encoding":"sparse-codebook","codebook_size":2,"value_bits":2,"value_coding":"fixed",',
+    '"dtype":"float32"},{"name":"fc2.weight","shape":[100,300],"index_bits":7,"entries":,',
+    '"index_coding":"huffman","encoding":"sparse-codebook","codebook_size":4,"value_bits":2,',
+    '"value_coding":"huffman","dtype":"float32"},{"name":"fc2.bias","shape":[100],',
+    '"encoding":"dense","dtype":"float32"}',
+)).encode("ascii")
+MANIFEST_DICTIONARY_1_CRC32 = 0x91D1CF95  # of its 1,830 bytes; tests check it never changes
+_DICTIONARIES = {FLAG_DICTIONARY_1: MANIFEST_DICTIONARY_1}
+MANIFEST_CODINGS = ("deflate", "dictionary")
+"""How a writer may store the manifest: ``"deflate"`` picks the smaller of plain and
+raw-deflated JSON (flags 0 or 1, what format 1.0 readers before the dictionary read);
+``"dictionary"`` also tries raw deflate with preset dictionary 1 (flags 5) and keeps the
+smallest of the three."""
 
 DEFAULT_MAX_FILE_SIZE = 2 << 30  # 2 GiB
 MAX_MANIFEST_SIZE = 16 << 20  # 16 MiB, stored and inflated
@@ -244,8 +287,24 @@ def _section_view(name: str, data: SectionData) -> memoryview:
 _LITTLE = np.little_endian
 
 
-def _build(meta: dict[str, Any], sections: Mapping[str, SectionData]) -> tuple[bytes, list]:
+def _deflate(raw: bytes, zdict: bytes | None = None) -> bytes:
+    packer = (zlib.compressobj(9, zlib.DEFLATED, -15, 9) if zdict is None
+              else zlib.compressobj(9, zlib.DEFLATED, -15, 9, zdict=zdict))
+    return packer.compress(raw) + packer.flush()
+
+
+def _check_coding(manifest: str) -> None:
+    if manifest not in MANIFEST_CODINGS:
+        raise ValueError(
+            f"manifest coding {manifest!r} is not one of {list(MANIFEST_CODINGS)}"
+        )
+
+
+def _build(
+    meta: dict[str, Any], sections: Mapping[str, SectionData], manifest_coding: str = "deflate"
+) -> tuple[bytes, list]:
     """(header + stored manifest, [section memoryviews]) for a file."""
+    _check_coding(manifest_coding)
     if not isinstance(meta, dict):
         raise TypeError(f"meta must be a dict, got {type(meta).__name__}")
     if not isinstance(sections, Mapping):
@@ -275,22 +334,33 @@ def _build(meta: dict[str, Any], sections: Mapping[str, SectionData]) -> tuple[b
         raise ValueError(f"manifest is {len(raw)} bytes, over the {MAX_MANIFEST_SIZE} limit")
     if json_shape(raw).depth > MAX_JSON_DEPTH:
         raise ValueError(f"manifest nests deeper than {MAX_JSON_DEPTH} levels")
-    packer = zlib.compressobj(9, zlib.DEFLATED, -15, 9)
-    deflated = packer.compress(raw) + packer.flush()
+    deflated = _deflate(raw)
     flags, stored = (FLAG_DEFLATE, deflated) if len(deflated) < len(raw) else (0, raw)
+    if manifest_coding == "dictionary":
+        packed = _deflate(raw, MANIFEST_DICTIONARY_1)
+        if len(packed) < len(stored):
+            flags, stored = FLAG_DEFLATE | FLAG_DICTIONARY_1, packed
     head = struct.pack("<8sHHIII", MAGIC, VERSION[0], VERSION[1], flags, len(stored), len(raw))
     crc = zlib.crc32(stored, zlib.crc32(head))
     return head + struct.pack("<I", crc) + stored, views
 
 
-def dsq_bytes(meta: dict[str, Any], sections: Mapping[str, SectionData]) -> bytes:
-    """The complete .dsq file for ``meta`` and ``sections`` as bytes (no file written)."""
-    head, views = _build(meta, sections)
+def dsq_bytes(
+    meta: dict[str, Any], sections: Mapping[str, SectionData], *, manifest: str = "deflate"
+) -> bytes:
+    """The complete .dsq file for ``meta`` and ``sections`` as bytes (no file written).
+
+    ``manifest``: how the manifest is stored, one of :data:`MANIFEST_CODINGS`."""
+    head, views = _build(meta, sections, manifest)
     return b"".join([head, *views])
 
 
 def write_dsq(
-    path: str | os.PathLike[str], meta: dict[str, Any], sections: Mapping[str, SectionData]
+    path: str | os.PathLike[str],
+    meta: dict[str, Any],
+    sections: Mapping[str, SectionData],
+    *,
+    manifest: str = "deflate",
 ) -> int:
     """Write a .dsq file atomically; returns the number of bytes written.
 
@@ -298,17 +368,33 @@ def write_dsq(
     bytes-like or numpy array (stored as its raw little-endian bytes), written in mapping order.
     The data goes to a temp file beside ``path``, is fsynced, then renamed over ``path``; on any
     failure the temp file is removed and an existing ``path`` is left untouched.
-    Bad arguments raise ``ValueError`` / ``TypeError``.
+    ``manifest``: how the manifest is stored, one of :data:`MANIFEST_CODINGS` (``"dictionary"``
+    saves a few hundred bytes on a small model's file). Bad arguments raise ``ValueError`` /
+    ``TypeError``.
     """
     from deepsqueeze.io import atomic_write  # the one atomic writer (io imports torch)
 
-    head, views = _build(meta, sections)
+    head, views = _build(meta, sections, manifest)
     with atomic_write(path) as handle:
         handle.write(head)
         for view in views:
             handle.write(view)
     return len(head) + sum(v.nbytes for v in views)
 
+
+def compact_dsq(
+    source: str | os.PathLike[str] | bytes | bytearray | memoryview,
+    dest: str | os.PathLike[str],
+    *,
+    max_size: int = DEFAULT_MAX_FILE_SIZE,
+) -> int:
+    """Rewrite a verified .dsq file with its manifest in the ``"dictionary"`` coding.
+
+    The meta and every section stay byte for byte the same; ``dest`` (which may be the source
+    path) is written atomically. Returns the new file's size in bytes.
+    """
+    f = read_dsq(source, max_size=max_size)
+    return write_dsq(dest, f.meta, f.sections, manifest="dictionary")
 
 
 # --------------------------------------------------------------------------- reading
@@ -372,6 +458,11 @@ def parse_dsq(
         raise DsqFormatError(f"unsupported format version {major}.{minor}")
     if flags & ~KNOWN_FLAGS:
         raise DsqFormatError(f"unknown header flags 0x{flags:08x}")
+    if flags & FLAG_DICTIONARY_1 and not flags & FLAG_DEFLATE:
+        raise DsqFormatError(
+            f"header flags 0x{flags:08x} name a deflate dictionary for a manifest that is "
+            "not deflated (bit 2 needs bit 0)"
+        )
     if stored_len > MAX_MANIFEST_SIZE or raw_len > MAX_MANIFEST_SIZE:
         raise DsqFormatError(
             f"manifest length {max(stored_len, raw_len)} is over the {MAX_MANIFEST_SIZE} limit"
@@ -396,7 +487,8 @@ def parse_dsq(
         raise DsqFormatError(
             f"header/manifest checksum mismatch: expected crc32 {crc:08x}, found {found:08x}"
         )
-    raw = _inflate(stored, raw_len) if flags & FLAG_DEFLATE else bytes(stored)
+    zdict = _DICTIONARIES.get(flags & FLAG_DICTIONARY_1)
+    raw = _inflate(stored, raw_len, zdict) if flags & FLAG_DEFLATE else bytes(stored)
     manifest = _parse_manifest(raw, size)
     table = _check_manifest(manifest, strict=minor == 0)
     data_len = size - data_start
@@ -431,9 +523,10 @@ def parse_dsq(
     )
 
 
-def _inflate(stored: memoryview, raw_len: int) -> bytes:
-    """Inflate with the output capped at ``raw_len + 1`` bytes (zip-bomb safe)."""
-    inflater = zlib.decompressobj(-15)
+def _inflate(stored: memoryview, raw_len: int, zdict: bytes | None = None) -> bytes:
+    """Inflate (with preset dictionary ``zdict`` if given) with the output capped at
+    ``raw_len + 1`` bytes (zip-bomb safe)."""
+    inflater = zlib.decompressobj(-15) if zdict is None else zlib.decompressobj(-15, zdict=zdict)
     try:
         raw = inflater.decompress(stored, raw_len + 1)
     except zlib.error as exc:
