@@ -516,3 +516,31 @@ def test_hashed_kernel_is_clean_under_asan(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "SANITIZED-OK" in proc.stdout
     assert "AddressSanitizer" not in proc.stderr and "runtime error" not in proc.stderr
+
+
+# ------------------------------------------------------------------------------ recipes
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["hashed-lenet300", "circulant-lenet300"])
+def test_shipped_recipes_compress_and_evaluate(tmp_path: Path, recipe: str) -> None:
+    import deepsqueeze
+    from deepsqueeze.pipeline import load_recipe
+
+    from .conftest import have_mnist
+
+    if not have_mnist():
+        pytest.skip("MNIST not found")
+    shipped = load_recipe(REPO / "recipes" / f"{recipe}.yaml")
+    for stage in shipped.stages:
+        assert stage.finetune is not None
+        stage.finetune.epochs = 0.05  # the shipped schedule, shortened: the path, not accuracy
+    torch.manual_seed(0)
+    model = models.create("lenet300")
+    result = deepsqueeze.compress(model, shipped, subset=2000, progress=False,
+                                  out=tmp_path / "m.dsq")
+    kinds = {type(m).__name__ for m in result.model.modules()}
+    assert ("HashedLinear" if recipe.startswith("hashed") else "CirculantLinear") in kinds
+    report = deepsqueeze.evaluate(tmp_path / "m.dsq", "mnist", measure_speed=False)
+    assert report.top1_accuracy == pytest.approx(result.file_accuracy, abs=1e-9)
+    assert result.file_report.compression > 7
