@@ -358,3 +358,26 @@ def test_half_precision_storage(tmp_path: Path, dtype: str, torch_dtype: torch.d
     loaded = deepsqueeze.load(half)
     torch.testing.assert_close(loaded.fc1.weight, model.fc1.weight.to(torch_dtype).float(),
                                atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("method,params", [
+    ("qat", {"bits": 4}),
+    ("quantize", {"bits": 8}),  # no calibration dataset: the fine-tuning batches calibrate
+])
+def test_through_compress_with_user_data(tmp_path: Path, method: str,
+                                         params: dict[str, object]) -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 1, 28, 28, generator=g)
+    y = torch.randint(0, 10, (256,), generator=g)
+    recipe = {"name": method, "stages": [{
+        "method": method, "params": params,
+        "finetune": {"epochs": 1, "lr": 0.01, "batch_size": 64}}]}
+    out = tmp_path / "m.dsq"
+    result = deepsqueeze.compress(models.create("lenet300"), recipe, train_data=(x, y),
+                                  eval_data=(x, y), out=out, progress=False)
+    assert result.file_accuracy is not None
+    loaded = deepsqueeze.load(out)
+    assert isinstance(loaded.fc1, QuantLinear) and loaded.fc1.bits == params["bits"]
+    w = loaded.fc1.weight.detach()
+    assert torch.equal(w, torch.round(w)) and float(w.abs().max()) <= 2 ** (params["bits"] - 1)
+    assert float(loaded.fc1.input_scale) != 1.0  # calibrated
