@@ -365,6 +365,7 @@ def run_latency(args: argparse.Namespace) -> dict[str, Any]:
 
 def plot(results: dict[str, Any]) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -384,6 +385,8 @@ def plot(results: dict[str, Any]) -> None:
         ax.axhline(98.4, color="grey", ls="--", lw=0.8)
         ax.axhline(100 * part["dense_accuracy"], color="black", ls=":", lw=0.8)
         ax.set_xscale("log")
+        ax.set_xticks([1, 1.5, 2, 3, 4, 5], ["1", "1.5", "2", "3", "4", "5"])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("compression of the FC layers (parameters)")
         ax.set_title(f"lenet5-classic / MNIST, {title}")
         ax.set_ylim(90, 100)
