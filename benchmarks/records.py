@@ -1,0 +1,268 @@
+"""Record attempts on LeNet-300-100 / LeNet-5 (MNIST) beside the best published ratios.
+
+Each shipped ``recipes/record-<model>-<point>.yaml`` is run from the dense model, the file is
+rewritten with the compact manifest (preset dictionary 1, docs/format.md) and that file, the
+one on disk, is loaded back and evaluated: its size gives the ratio (dense fp32 bytes / file
+bytes, header and manifest included), its top-1 the error. Writes
+benchmarks/results/records.json (runs not asked for keep their earlier entry) and records.png
+(test error against ratio, ours beside the papers' rows).
+
+    python benchmarks/records.py --only record-lenet300-lossless [--seed 1]
+    python benchmarks/records.py --plot-only
+    python benchmarks/records.py --manifest   # bytes the compact manifest saves, every recipe
+
+``--dense`` names the dense model (default: runs/rec-<model>/model.pt, trained with the
+zoo's recommended settings, ``deepsqueeze train --model lenet300 --dataset mnist --seed 0``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import deepsqueeze
+from deepsqueeze import dsq
+from deepsqueeze.codec.container import compact_dsq, read_dsq
+from deepsqueeze.data import load_dataset
+from deepsqueeze.io import atomic_write, load_model
+from deepsqueeze.metrics.accuracy import accuracy_and_loss
+from deepsqueeze.metrics.size import dense_fp32_bytes
+from deepsqueeze.pipeline import load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "records.json"
+PLOT = RESULTS.with_suffix(".png")
+MANIFEST_RESULTS = RESULTS.with_name("records_manifest.json")
+# every shipped recipe of the other families: their file's manifest, plain and compact
+MANIFEST_RECIPES = [
+    "deep-compression-lenet300", "deep-compression-lenet5", "binary-lenet300",
+    "circulant-lenet300", "hashed-lenet300", "int8-lenet300", "svd-lenet300",
+    "sparse-svd-lenet5-classic", "resnet20-prune-int8",
+]
+OUT = ROOT / "runs" / "records"
+
+# (recipe stem, model, dataset, target: max drop in points from the dense model or max error %)
+RECORDS = {
+    "record-lenet300-lossless": ("lenet300", "mnist", {"max_drop_points": 0.2, "min_ratio": 150}),
+    "record-lenet300-2pct": ("lenet300", "mnist", {"max_error_pct": 2.0, "min_ratio": 300}),
+}
+
+# The published rows (MNIST; ratio = dense fp32 / encoded bytes unless noted), from issue #17.
+PAPERS = [
+    {"model": "lenet5", "method": "Deep Compression (Han et al. 2016)", "error": 0.74, "ratio": 39},
+    {"model": "lenet5", "method": "Soft weight-sharing (Ullrich et al. 2017)", "error": 0.97,
+     "ratio": 162},
+    {"model": "lenet5", "method": "Weightless (Reagen et al. 2018)", "error": 1.0, "ratio": 382},
+    {"model": "lenet5", "method": "Bayesian Compression, group horseshoe (Louizos et al. 2017)",
+     "error": 1.0, "ratio": 771},
+    {"model": "lenet5", "method": "MIRACLE (Havasi et al. 2019)", "error": 0.69, "ratio": 555},
+    {"model": "lenet5", "method": "MIRACLE (Havasi et al. 2019)", "error": 0.96, "ratio": 1110},
+    {"model": "lenet300", "method": "Deep Compression (Han et al. 2016)", "error": 1.58,
+     "ratio": 40},
+    {"model": "lenet300", "method": "Soft weight-sharing (Ullrich et al. 2017)", "error": 1.94,
+     "ratio": 64},
+    {"model": "lenet300", "method": "Sparse variational dropout (Molchanov et al. 2017)",
+     "error": 1.92, "ratio": 68, "note": "nonzero-count ratio, not bytes"},
+]
+
+
+def _read_results() -> dict:
+    if RESULTS.exists():
+        return json.loads(RESULTS.read_text())
+    return {"runs": {}, "papers": PAPERS}
+
+
+def _write_results(results: dict) -> None:
+    results["papers"] = PAPERS
+    with atomic_write(RESULTS, "w") as handle:
+        json.dump(results, handle, indent=2)
+        handle.write("\n")
+
+
+def run_record(stem: str, seed: int, dense_path: Path) -> dict:
+    """Compress the dense model with ``recipes/<stem>.yaml`` (seed overridden), compact the
+    file's manifest, and measure the file."""
+    model_name, dataset, target = RECORDS[stem]
+    recipe_path = ROOT / "recipes" / f"{stem}.yaml"
+    recipe = load_recipe(recipe_path).model_copy(update={"seed": seed})
+    test = load_dataset(dataset, "test")
+    x_test = test.normalized()
+    dense = load_model(dense_path)
+    dense_acc = accuracy_and_loss(dense.eval(), x_test, test.labels).accuracy
+    OUT.mkdir(parents=True, exist_ok=True)
+    plain = OUT / f"{stem}-s{seed}.dsq"
+    t0 = time.perf_counter()
+    result = deepsqueeze.compress(dense, recipe, dataset=dataset, out=plain, progress=False)
+    seconds = time.perf_counter() - t0
+    compact = OUT / f"{stem}-s{seed}-compact.dsq"
+    compact_dsq(plain, compact)
+    size = compact.stat().st_size
+    assert size == len(compact.read_bytes())
+    loaded = dsq.load(compact)
+    acc = accuracy_and_loss(loaded.eval(), x_test, test.labels).accuracy
+    dense_bytes = dense_fp32_bytes(dense)
+    ratio = dense_bytes / size
+    drop = 100 * (dense_acc - acc)
+    error = 100 * (1 - acc)
+    met = ratio >= target["min_ratio"] and (
+        drop <= target["max_drop_points"] if "max_drop_points" in target
+        else error <= target["max_error_pct"]
+    )
+    report = dsq.inspect(compact).to_dict()
+    return {
+        "recipe": f"recipes/{stem}.yaml",
+        "model": model_name,
+        "dataset": dataset,
+        "seed": seed,
+        "dense_accuracy": dense_acc,
+        "file_accuracy": acc,
+        "error_pct": error,
+        "accuracy_drop_points": drop,
+        "file_bytes": size,
+        "file_bytes_plain_manifest": plain.stat().st_size,
+        "manifest_bytes": read_dsq(compact).manifest_size,
+        "manifest_bytes_plain": read_dsq(plain).manifest_size,
+        "dense_fp32_bytes": dense_bytes,
+        "ratio": ratio,
+        "target": target,
+        "meets_target": met,
+        "pipeline_seconds": seconds,
+        "threads": torch.get_num_threads(),
+        "load_average_1min": os.getloadavg()[0],
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "stages": [s.__dict__ for s in result.stages],
+        "layers": report.get("layers"),
+    }
+
+
+def manifest_savings() -> dict:
+    """For each shipped recipe: its file made without fine-tuning (the same tensors, encodings
+    and manifest structure as the shipped file, other numbers), plain and compact manifest."""
+    rows = {}
+    for stem in MANIFEST_RECIPES:
+        path = ROOT / "recipes" / f"{stem}.yaml"
+        if not path.exists():
+            continue
+        recipe = load_recipe(path)
+        recipe = recipe.model_copy(update={"stages": [
+            st.model_copy(update={"finetune": None}) for st in recipe.stages]})
+        torch.manual_seed(0)
+        net = deepsqueeze.models.create(recipe.model)
+        OUT.mkdir(parents=True, exist_ok=True)
+        plain = OUT / f"manifest-{stem}.dsq"
+        deepsqueeze.compress(net, recipe, dataset=recipe.dataset, out=plain, subset=2048,
+                             progress=False, evaluate_file=False)
+        compact = OUT / f"manifest-{stem}-compact.dsq"
+        compact_dsq(plain, compact)
+        a, b = read_dsq(plain), read_dsq(compact)
+        assert a.meta == b.meta and a.sections == b.sections
+        rows[stem] = {
+            "model": recipe.model,
+            "file_bytes_plain": a.file_size,
+            "file_bytes_compact": b.file_size,
+            "header_and_manifest_plain": a.manifest_size,
+            "header_and_manifest_compact": b.manifest_size,
+            "saved_bytes": a.file_size - b.file_size,
+            "saved_fraction_of_file": (a.file_size - b.file_size) / a.file_size,
+        }
+        print(f"{stem}: header+manifest {a.manifest_size} -> {b.manifest_size} B "
+              f"(file {a.file_size} -> {b.file_size} B)")
+    return {"note": "each recipe's stages applied without fine-tuning to the seed-0 zoo model "
+                    "(same tensors, encodings and manifest keys as the trained file)",
+            "recipes": rows}
+
+
+def _summaries(results: dict) -> dict:
+    """Mean and spread over the seeds run of each recipe."""
+    out: dict = {}
+    by_stem: dict[str, list[dict]] = {}
+    for row in results["runs"].values():
+        by_stem.setdefault(Path(row["recipe"]).stem, []).append(row)
+    for stem, rows in by_stem.items():
+        errs = [r["error_pct"] for r in rows]
+        ratios = [r["ratio"] for r in rows]
+        out[stem] = {
+            "seeds": sorted(r["seed"] for r in rows),
+            "error_pct_mean": statistics.fmean(errs),
+            "error_pct_spread": max(errs) - min(errs),
+            "ratio_mean": statistics.fmean(ratios),
+            "ratio_spread": max(ratios) - min(ratios),
+            "all_meet_target": all(r["meets_target"] for r in rows),
+        }
+    return out
+
+
+def plot(results: dict, path: Path) -> None:
+    """Test error against compression ratio: the papers' rows beside ours, per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, model in zip(axes, ("lenet300", "lenet5"), strict=True):
+        for p in (p for p in PAPERS if p["model"] == model):
+            ax.scatter(p["ratio"], p["error"], marker="s", color="gray")
+            ax.annotate(p["method"].split(" (")[0], (p["ratio"], p["error"]), fontsize=7,
+                        xytext=(4, 3), textcoords="offset points")
+        for row in (r for r in results["runs"].values() if r["model"] == model):
+            ax.scatter(row["ratio"], row["error_pct"], marker="o", color="tab:red")
+            ax.annotate(f"{Path(row['recipe']).stem} s{row['seed']}",
+                        (row["ratio"], row["error_pct"]), fontsize=7, color="tab:red",
+                        xytext=(4, -9), textcoords="offset points")
+            base = 100 * (1 - row["dense_accuracy"])
+            ax.axhline(base, color="tab:blue", lw=0.8, ls=":")
+        ax.set_xscale("log")
+        ax.set_xlabel("compression ratio (dense fp32 bytes / file bytes)")
+        ax.set_ylabel("test error (%)")
+        ax.set_title(f"{model} / MNIST (gray: papers, red: our .dsq files, dotted: dense)")
+    fig.tight_layout()
+    with atomic_write(path, "wb") as handle:
+        fig.savefig(handle, format="png", dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", action="append", choices=sorted(RECORDS))
+    parser.add_argument("--seed", type=int, action="append")
+    parser.add_argument("--dense", type=Path, help="dense model.pt (default runs/rec-<model>)")
+    parser.add_argument("--plot-only", action="store_true")
+    parser.add_argument("--manifest", action="store_true", help="measure the compact manifest")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    if args.manifest:
+        with atomic_write(MANIFEST_RESULTS, "w") as handle:
+            json.dump(manifest_savings(), handle, indent=2)
+            handle.write("\n")
+        return
+    if not args.plot_only:
+        for stem in args.only or sorted(RECORDS):
+            model_name = RECORDS[stem][0]
+            dense = args.dense or ROOT / "runs" / f"rec-{model_name}" / "model.pt"
+            if not dense.exists():
+                sys.exit(f"no dense model at {dense}: train it first (see the docstring)")
+            for seed in args.seed or [0]:
+                row = run_record(stem, seed, dense)
+                results = _read_results()  # re-read: another run may have written meanwhile
+                results["runs"][f"{stem}/s{seed}"] = row
+                results["summary"] = _summaries(results)
+                _write_results(results)
+                print(f"{stem} seed {seed}: {row['ratio']:.1f}x ({row['file_bytes']} B), error "
+                      f"{row['error_pct']:.2f} % (dense {100 * (1 - row['dense_accuracy']):.2f} "
+                      f"%), target met: {row['meets_target']}, {row['pipeline_seconds']:.0f} s")
+    results = _read_results()
+    if results["runs"]:
+        plot(results, PLOT)
+
+
+if __name__ == "__main__":
+    main()
