@@ -140,42 +140,50 @@ typedef void (*range_fn)(conv_part *P, int64_t lo, int64_t hi);
 typedef struct {
     conv_part *P;
     range_fn fn;
-    int64_t lo, hi;
+    int64_t count, grain;
+    int64_t *next; /* shared: the next unclaimed index */
 } conv_task;
 
+/* claim ranges of `grain` indices until none is left (dynamic: a thread the OS does not run
+   for a while leaves its share to the others instead of holding up the join) */
 static void *conv_task_run(void *arg) {
     conv_task *t = (conv_task *)arg;
-    t->fn(t->P, t->lo, t->hi);
+    for (;;) {
+        const int64_t lo = __atomic_fetch_add(t->next, t->grain, __ATOMIC_RELAXED);
+        if (lo >= t->count) break;
+        t->fn(t->P, lo, lo + t->grain < t->count ? lo + t->grain : t->count);
+    }
     return NULL;
 }
 
-/* fn over [0, count) split into `threads` contiguous ranges, range i on parts[i] (parts[0]
-   for every range when `shared`); the caller runs the first. A thread that cannot be started
-   leaves its range to the caller (same result). */
+/* fn over [0, count) by up to `threads` threads (the caller is one), in ranges of `grain`,
+   thread i working on parts[i] (parts[0] for all when `shared`). A thread that cannot be
+   started leaves its share to the others (same result). */
 static void parallel_for(conv_part *parts, int shared, range_fn fn, int64_t count,
-                         int64_t threads) {
+                         int64_t threads, int64_t grain) {
     if (threads > count) threads = count;
     if (threads <= 1) {
         if (count > 0) fn(parts, 0, count);
         return;
     }
+    if (grain < 1) grain = 1;
     pthread_t tid[MAX_THREADS];
     conv_task task[MAX_THREADS];
     int started[MAX_THREADS];
+    int64_t next = 0;
     for (int64_t i = 0; i < threads; i++) {
         task[i].P = shared ? parts : parts + i;
         task[i].fn = fn;
-        task[i].lo = count * i / threads;
-        task[i].hi = count * (i + 1) / threads;
+        task[i].count = count;
+        task[i].grain = grain;
+        task[i].next = &next;
         started[i] = 0;
     }
     for (int64_t i = 1; i < threads; i++)
         started[i] = pthread_create(&tid[i], NULL, conv_task_run, &task[i]) == 0;
-    fn(task[0].P, task[0].lo, task[0].hi);
-    for (int64_t i = 1; i < threads; i++) {
+    conv_task_run(&task[0]);
+    for (int64_t i = 1; i < threads; i++)
         if (started[i]) pthread_join(tid[i], NULL);
-        else fn(task[i].P, task[i].lo, task[i].hi);
-    }
 }
 
 /* samples m0 .. m0 + cnt of x [n, C, H, W] -> X [C, sh, sw, Hq, Wq, ld] (zeroed first),
@@ -469,8 +477,7 @@ int dsq_conv_sparse(const dsq_conv_layer *L, const int64_t *g, int64_t ng, const
     int64_t work = INT64_MAX, nt = threads;
     if (mul_ok(nnz + L->rows, J.plane, &t) && mul_ok(t, J.nchunks, &t)) work = t;
     if (work < 400000) nt = 1;
-    const int per_thread =
-        nt > 1 && J.nchunks >= nt && (J.nchunks >= 2 * nt || J.nchunks % nt == 0);
+    const int per_thread = nt > 1 && J.nchunks >= nt;
     const int64_t copies = per_thread ? nt : 1;
     if (!mul_ok(xfl, 4 * copies, &b_x) || !mul_ok(yfl, 4 * copies, &b_y) ||
         !add_ok(nnz, L->rows + 1, &t) || !mul_ok(t, 3 * (int64_t)sizeof(int64_t), &b_int) ||
@@ -515,15 +522,16 @@ int dsq_conv_sparse(const dsq_conv_layer *L, const int64_t *g, int64_t ng, const
         memset(parts[i].X + J.chan * J.C, 0, sizeof(float) * QMAX);
     }
     if (per_thread || nt == 1) {
-        parallel_for(parts, 0, run_chunks, J.nchunks, nt);
+        parallel_for(parts, 0, run_chunks, J.nchunks, nt, 1);
         return DSQ_CONV_OK;
     }
     for (int64_t i = 0; i < J.nchunks; i++) { /* few chunks: threads share each one */
         parts[0].m0 = i * J.chunk;
         parts[0].cnt = n - parts[0].m0 < J.chunk ? n - parts[0].m0 : J.chunk;
-        parallel_for(parts, 1, pack_input, J.C, nt);
-        parallel_for(parts, 1, J.algo ? compute_codebook : compute_weights, J.blocks, nt);
-        parallel_for(parts, 1, unpack_output, L->rows, nt);
+        parallel_for(parts, 1, pack_input, J.C, nt, J.C / (4 * nt));
+        parallel_for(parts, 1, J.algo ? compute_codebook : compute_weights, J.blocks, nt,
+                     J.blocks / (8 * nt));
+        parallel_for(parts, 1, unpack_output, L->rows, nt, L->rows / (4 * nt));
     }
     return DSQ_CONV_OK;
 }
