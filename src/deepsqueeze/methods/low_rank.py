@@ -448,6 +448,7 @@ class SparseSVD(Method):
         self.report: dict[str, dict[str, Any]] = {}
         self._data: tuple[Any, torch.Tensor, LossFn] | None = None
         self._scores: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._batch = 500
 
     def set_data(self, inputs: Any, targets: torch.Tensor, loss_fn: LossFn | None = None,
                  batch_size: int = 500) -> SparseSVD:
