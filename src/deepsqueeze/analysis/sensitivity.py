@@ -165,10 +165,16 @@ class SensitivityResult:
         methods = [m for m in self.methods() if "+" not in m]
         if not methods:
             methods = self.methods()
-        fig, axes = plt.subplots(2, len(methods), figsize=(4.2 * len(methods), 6.4),
+        ncols = min(4, len(methods))
+        nrows = -(-len(methods) // ncols)
+        fig, axes = plt.subplots(2 * nrows, ncols, figsize=(4.2 * ncols, 5.6 * nrows),
                                  squeeze=False)
-        for col, method in enumerate(methods):
-            top, bottom = axes[0][col], axes[1][col]
+        for index in range(len(methods), nrows * ncols):  # empty slots of the last row
+            axes[2 * (index // ncols)][index % ncols].set_visible(False)
+            axes[2 * (index // ncols) + 1][index % ncols].set_visible(False)
+        for index, method in enumerate(methods):
+            row, col = 2 * (index // ncols), index % ncols
+            top, bottom = axes[row][col], axes[row + 1][col]
             for layer in self.layers:
                 pts = self.curve(method, layer)
                 if not pts:
