@@ -97,15 +97,17 @@ static float weight_of(const dsq_conv_layer *L, int64_t j) {
 static __thread void *conv_scratch_buf[4];
 static __thread int64_t conv_scratch_cap[4];
 
+/* 64-byte aligned (vector loads at offsets that are multiples of 8 floats stay in one line) */
 static void *conv_scratch(int slot, int64_t bytes) {
     if (bytes < 1) bytes = 1;
-    if (bytes > conv_scratch_cap[slot]) {
-        void *p = realloc(conv_scratch_buf[slot], (size_t)bytes);
-        if (!p) return NULL;
-        conv_scratch_buf[slot] = p;
-        conv_scratch_cap[slot] = bytes;
+    if (bytes > INT64_MAX - 64) return NULL;
+    if (bytes + 64 > conv_scratch_cap[slot]) {
+        free(conv_scratch_buf[slot]);
+        conv_scratch_buf[slot] = malloc((size_t)(bytes + 64));
+        conv_scratch_cap[slot] = conv_scratch_buf[slot] ? bytes + 64 : 0;
+        if (!conv_scratch_buf[slot]) return NULL;
     }
-    return conv_scratch_buf[slot];
+    return (void *)(((uintptr_t)conv_scratch_buf[slot] + 63) & ~(uintptr_t)63);
 }
 
 typedef float v8 __attribute__((vector_size(32)));
@@ -465,8 +467,9 @@ int dsq_conv_sparse(const dsq_conv_layer *L, const int64_t *g, int64_t ng, const
     if (J.ld >= 64 && J.ld % 64 == 0) J.ld += 8; /* rows 256 bytes apart share cache sets */
     J.q = J.algo ? QC : QW;
     if (!mul_ok(per_sample / J.C, J.ld, &J.chan) || !mul_ok(J.chan, J.C, &xfl) ||
-        !add_ok(xfl, QMAX, &xfl))
+        !add_ok(xfl, QMAX + 15, &xfl))
         return DSQ_CONV_ESIZE;
+    xfl = xfl / 16 * 16; /* per-thread copies stay 64-byte aligned */
     /* q of the last output + 1: ((OH - 1) Wq + OW) ld, within X */
     if (!mul_ok(J.OH - 1, J.Wq, &t) || !add_ok(t, J.OW, &t) || !mul_ok(t, J.ld, &run))
         return DSQ_CONV_ESIZE;
