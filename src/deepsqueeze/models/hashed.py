@@ -463,7 +463,7 @@ class HashedMLP(nn.Module):
     "hashed-mlp",
     input_shape=(1, 28, 28),
     description="MLP of HashedLinear layers at a compression factor (Chen et al. 2015)",
-    limits={"factor": 1.0, "seed": float(MAX_SEED)},
+    limits={"factor": 1.0, "seed": MAX_SEED},
 )
 def hashed_mlp(hidden: list = [1000], factor: float = 0.125,  # noqa: B006 (JSON default)
                num_classes: int = 10, in_features: int = 784, seed: int = 1) -> HashedMLP:
