@@ -92,6 +92,23 @@ static inline float dot(const float *a, const float *b, int n) {
     return s;
 }
 
+/* y[r] += sum_c w[r * TC + c] * x[c] for the RB rows of a tile: each 8 inputs loaded once for
+   all RB rows, RB x 8 partial sums (kept in vector registers) */
+static inline void block_dot(const float *w, const float *x, int n, float *y) {
+    float acc[RB][8];
+    memset(acc, 0, sizeof acc);
+    int c = 0;
+    for (; c + 8 <= n; c += 8)
+        for (int r = 0; r < RB; r++)
+            for (int k = 0; k < 8; k++) acc[r][k] += w[r * TC + c + k] * x[c + k];
+    for (int r = 0; r < RB; r++) {
+        const float *a = acc[r];
+        float s = ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+        for (int t = c; t < n; t++) s += w[r * TC + t] * x[t];
+        y[r] += s;
+    }
+}
+
 /* y[b, i] = bias[i] + sum_j V[i, j] x[b, j] for b < n; x is [n, cols], y is [n, rows] */
 int dsq_hashed_linear(int64_t rows, int64_t cols, const float *buckets, int64_t nbuckets,
                       int64_t seed, const float *bias, const float *x, int64_t x_floats,
@@ -115,7 +132,10 @@ int dsq_hashed_linear(int64_t rows, int64_t cols, const float *buckets, int64_t 
             for (int64_t b = 0; b < n; b++) {
                 const float *xb = x + b * cols + c0;
                 float *yb = y + b * rows + r0;
-                for (int r = 0; r < nr; r++) yb[r] += dot(w + (int64_t)r * TC, xb, nc);
+                if (nr == RB)
+                    block_dot(w, xb, nc, yb);
+                else
+                    for (int r = 0; r < nr; r++) yb[r] += dot(w + (int64_t)r * TC, xb, nc);
             }
         }
     }
