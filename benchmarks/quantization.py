@@ -74,7 +74,7 @@ def top1(model: torch.nn.Module, dataset: str) -> float:
 
 
 def make_files(model: str, dataset: str, qat_epochs: float, out: Path,
-               subset: int | None) -> dict[str, Any]:
+               subset: int | None, variants: tuple[str, ...] = VARIANTS) -> dict[str, Any]:
     """The five files of one model: path, bytes, top-1 of the file, seconds to make."""
     out.mkdir(parents=True, exist_ok=True)
     base = baseline(model, dataset)
@@ -99,6 +99,8 @@ def make_files(model: str, dataset: str, qat_epochs: float, out: Path,
                          "lr_schedule": "cosine"}},
     }
     for variant, stage in stages.items():
+        if variant not in variants:
+            continue
         t0 = time.perf_counter()
         path = out / f"{variant}.dsq"
         recipe = {"name": variant, "model": model, "dataset": dataset, "stages": [stage]}
@@ -165,17 +167,18 @@ def _baseline_facts(model: str, dataset: str) -> dict[str, Any]:
     return facts
 
 
-def run_model(key: str, qat_epochs: float, runs: int, subset: int | None) -> dict[str, Any]:
+def run_model(key: str, qat_epochs: float, runs: int, subset: int | None,
+              variants: tuple[str, ...] = VARIANTS) -> dict[str, Any]:
     model, dataset = key.split("/")
     out = RUNS / f"{model}-{dataset}-files"
     t0 = time.perf_counter()
-    files = make_files(model, dataset, qat_epochs, out, subset)
+    files = make_files(model, dataset, qat_epochs, out, subset, variants)
     made = time.perf_counter() - t0
     fp32 = files["fp32"]
     entry: dict[str, Any] = {
         "model": model, "dataset": dataset,
         **_baseline_facts(model, dataset), "qat_epochs": qat_epochs,
-        "qat_train_subset": subset,
+        "qat_train_subset": subset if any("qat" in v for v in variants) else None,
         "seconds_to_make_files": round(made, 1),
         "variants": {
             v: {"top1": r["top1"], "bytes": r["bytes"],
@@ -287,7 +290,8 @@ def plot(results: dict[str, Any]) -> None:
         axes[row][1].set_title("top-1 (%) of the file")
         width = 0.27
         for i, b in enumerate(BACKENDS):
-            vals = [e["speed_batch256"][v][b]["speedup_vs_fp32_pytorch"] for v in vs]
+            vals = [e["speed_batch256"][v][b]["speedup_vs_fp32_pytorch"] for v in vs
+                    if v in e["speed_batch256"]]
             axes[row][2].bar([j + (i - 1) * width for j in range(len(vs))], vals, width,
                              label=b)
         axes[row][2].set_xticks(range(len(vs)), vs)
@@ -312,6 +316,10 @@ def main() -> None:
     parser.add_argument("--pipeline", action="append", choices=list(PIPELINES),
                         help="run the seed's prune -> int8 -> entropy coding pipeline instead")
     parser.add_argument("--prune-epochs", type=float, default=2.0)
+    parser.add_argument("--variants", action="append", choices=[v for v in VARIANTS
+                                                                if v not in ("fp32", "fp16")],
+                        help="quantized variants to make (repeatable; default all; fp32 and "
+                             "fp16 always)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.pipeline:
@@ -331,7 +339,8 @@ def main() -> None:
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"models": {}}
     for key in chosen:
         t0 = time.perf_counter()
-        entry = run_model(key, args.qat_epochs, args.runs, args.subset)
+        entry = run_model(key, args.qat_epochs, args.runs, args.subset,
+                          tuple(args.variants or VARIANTS))
         entry["seconds"] = round(time.perf_counter() - t0, 1)
         entry["threads"] = args.threads
         entry["machine"] = {"cpu": platform.processor() or platform.machine(),
