@@ -132,6 +132,12 @@ def test_kinds_are_recorded_and_rebuilt_on_the_zoo_model(tmp_path: Path) -> None
     report = dsq.inspect(path)
     row = next(r for r in report.layers if r.layer == "fc2")
     assert row.bytes <= 300 * 100 / 8 + 64 + 2 * 100 * 4  # + scale and bias
+    # a kind's row stands for the dense layer it replaces: its ratio is the layer's
+    low = next(r for r in report.layers if r.layer == "fc1")
+    assert (low.encoding, low.weights, low.dense_bytes) == (
+        "TestTwoFactorLinear", 784 * 300 + 300, (784 * 300 + 300) * 4)
+    assert low.bytes == (20 * 784 + 300 * 20 + 300) * 4 and low.compression > 9
+    assert {r.layer for r in report.layers} == {"fc1", "fc2", "fc3"}
 
 
 def test_kinds_in_the_runtime_use_the_registered_reader_and_executor(tmp_path: Path) -> None:

@@ -38,6 +38,7 @@ from deepsqueeze.models.graph import (
     USER_ATTR,
     UserModel,
     apply_kinds,
+    build_module,
     describe,
     kind_specs,
     rebuild,
@@ -512,6 +513,29 @@ def load_model_or_dsq(path: str | Path, model: nn.Module | None = None) -> nn.Mo
     return load(path, model=model) if path.suffix == ".dsq" else load_model(path, model=model)
 
 
+def _kind_row(name: str, spec: Any, source: str) -> LayerRow:
+    """The size-table row of a compressed layer kind: its weights and dense bytes are those of
+    the dense layer it stands for (from its checked options), so its ratio is the layer's."""
+    try:
+        module = build_module(name, spec, "meta")
+    except DsqFormatError as exc:
+        raise DsqFormatError(f"{source}: {exc}") from exc
+    if hasattr(module, "in_features") and hasattr(module, "out_features"):
+        weights = int(module.in_features) * int(module.out_features)
+        outputs = int(module.out_features)
+    elif hasattr(module, "in_channels") and hasattr(module, "out_channels"):
+        k = module.kernel_size
+        window = math.prod(k) if isinstance(k, (tuple, list)) else int(k)
+        groups = int(getattr(module, "groups", 1))
+        weights = int(module.out_channels) * int(module.in_channels) // groups * window
+        outputs = int(module.out_channels)
+    else:  # a kind of another geometry: its own parameters
+        weights, outputs = sum(p.numel() for p in module.parameters()), 0
+    bias = outputs if getattr(module, "bias", None) is not None else 0
+    return LayerRow(name, weights + bias, 0, str(spec["type"]), None, None, 0,
+                    (weights + bias) * FP32_BYTES)
+
+
 def inspect(path: Source) -> FileReport:
     """The per-layer size table of a .dsq file, computed from the file alone.
 
@@ -524,8 +548,16 @@ def inspect(path: Source) -> FileReport:
         stored.skeleton()
     param_names = set(dsq.meta.get("parameters") or [])
     layers: dict[str, LayerRow] = {}
+    kinds = {name: _kind_row(name, spec, stored.source) for name, spec in stored.kinds.items()}
     for entry in entries:
         name = entry["name"]
+        kind = next((k for k in kinds if name.startswith(f"{k}.")), None)
+        if kind is not None:  # a layer kind's tensors make one row, against the dense layer
+            row = layers.setdefault(kind, kinds[kind])
+            row.bytes += sum(len(v) for k, v in dsq.sections.items() if k.startswith(f"{name}:"))
+            row.kept += int(torch.count_nonzero(_decode(entry, dsq.sections)))
+            row.bits_per_weight = 8 * row.bytes / max(row.weights, 1)
+            continue
         if param_names and name not in param_names:
             layer = "(buffers)"
         else:
