@@ -65,7 +65,7 @@ DATASETS = {"lenet300": "mnist", "lenet5": "mnist", "resnet20": "fashion-mnist"}
 
 
 def dsq_file(model: str, given: Path | None, baseline_epochs: float | None = None,
-             finetune_scale: float = 1.0) -> tuple[Path, dict[str, Any]]:
+             finetune_scale: float = 1.0, subset: int | None = None) -> tuple[Path, dict[str, Any]]:
     """The compressed file of ``model``: given, found, or made now; and how it was made."""
     if given is not None:
         return given, {"given": True}
@@ -73,22 +73,32 @@ def dsq_file(model: str, given: Path | None, baseline_epochs: float | None = Non
         return resnet20_file(), {"made": "resnet20_file (speed only, untrained)"}
     path = DSQ_DIR / f"{model}-mnist.dsq"
     how: dict[str, Any] = {"recipe": MODELS[model]}
+    run_json = baseline_path(model, "mnist").parent / "run.json"
+    if run_json.exists():  # the baseline's training options (epochs...)
+        how["baseline_config"] = json.loads(run_json.read_text()).get("config")
     if not path.exists():
         print(f"compressing {model} with {MODELS[model]} (no {path} yet)", flush=True)
         recipe: Any = ROOT / MODELS[model]
-        if finetune_scale != 1.0:
+        if finetune_scale != 1.0 or subset:
             recipe = yaml.safe_load(recipe.read_text())
+            steps_per_epoch = (subset or 55000) // 128
             for stage in recipe["stages"]:
                 ft = stage.get("finetune") or {}
                 if "epochs" in ft:
                     ft["epochs"] = max(1, round(ft["epochs"] * finetune_scale))
+                schedule = (stage.get("params") or {}).get("schedule")
+                if schedule and "end_step" in schedule:  # the ramp ends within the fine-tuning
+                    end = min(schedule["end_step"], ft.get("epochs", 1) * steps_per_epoch * 4 // 5)
+                    schedule["end_step"] = end
+                    schedule["frequency"] = max(1, min(schedule.get("frequency", 100), end // 10))
         baseline = baseline_path(model, "mnist")
         if not baseline.exists() and baseline_epochs is not None:
             deepsqueeze.train(model, "mnist", out=baseline.parent, epochs=baseline_epochs,
                               seed=0, progress=False)
-        deepsqueeze.compress(ensure_baseline(model, "mnist"), recipe, out=path, progress=False)
+        deepsqueeze.compress(ensure_baseline(model, "mnist"), recipe, out=path, progress=False,
+                             subset=subset)
         how.update(made_here=True, baseline_epochs=baseline_epochs,
-                   finetune_scale=finetune_scale)
+                   finetune_scale=finetune_scale, finetune_subset=subset)
     return path, how
 
 
@@ -151,6 +161,8 @@ def main() -> None:
                         help="epochs of a baseline trained here (default: the recommended)")
     parser.add_argument("--finetune-scale", type=float, default=1.0,
                         help="scale the recipes' fine-tuning epochs when a file is made here")
+    parser.add_argument("--finetune-subset", type=int, default=None,
+                        help="fine-tune on this many training samples when a file is made here")
     parser.add_argument("--batch", default="1,32,256")
     parser.add_argument("--runs", type=int, default=100)
     parser.add_argument("--threads", type=int, default=None,
@@ -169,7 +181,8 @@ def main() -> None:
     for model in args.models.split(","):
         if model not in given:
             parser.error(f"unknown model {model!r}; known: {', '.join(given)}")
-        path, how = dsq_file(model, given[model], args.baseline_epochs, args.finetune_scale)
+        path, how = dsq_file(model, given[model], args.baseline_epochs, args.finetune_scale,
+                             args.finetune_subset)
         t0 = time.perf_counter()
         load_before = os.getloadavg()
         report = bench(path, batches, runs=args.runs, threads=args.threads,

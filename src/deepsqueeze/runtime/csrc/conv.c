@@ -124,6 +124,7 @@ typedef struct {
     const int64_t *rowptr; /* rows + 1 into off (and w) */
     const int64_t *off;    /* input offset of each kept weight, row by row */
     const float *w;        /* its weight (weights variant) */
+    const int64_t *tapoff; /* KH x KW: input offset of each tap within a channel */
     const int64_t *segptr; /* codebook variant: rows + 1 into the segments */
     const int64_t *segend; /* end (into off) of each segment: the weights of one centroid */
     const float *segval;   /* the centroid of each segment */
@@ -335,28 +336,44 @@ static void run_chunks(conv_part *P, int64_t lo, int64_t hi) {
     }
 }
 
-/* input offset of tap p (a column of the layer's matrix) of output channel o */
-static int64_t tap_offset(const conv_job *J, int64_t o, int64_t p) {
-    const int64_t taps = J->KH * J->KW, cg = J->C / J->groups;
-    const int64_t c = (o / (J->rows / J->groups)) * cg + p / taps, t = p % taps;
-    const int64_t a = (t / J->KW) * J->dh, b = (t % J->KW) * J->dw;
-    return c * J->chan +
-           ((((a % J->sh) * J->sw + b % J->sw) * J->Hq + a / J->sh) * J->Wq + b / J->sw) * J->ld;
+/* Where each tap (kh, kw) of a channel reads, relative to the channel's packed input (one
+   division-heavy pass per call, KH x KW entries) */
+static void tap_table(const conv_job *J, int64_t *tapoff) {
+    for (int64_t t = 0; t < J->KH * J->KW; t++) {
+        const int64_t a = (t / J->KW) * J->dh, b = (t % J->KW) * J->dw;
+        tapoff[t] =
+            ((((a % J->sh) * J->sw + b % J->sw) * J->Hq + a / J->sh) * J->Wq + b / J->sw) * J->ld;
+    }
+}
+
+/* column cursor of a row: channel c (within the group) and tap t, advanced without division */
+typedef struct {
+    int64_t c, t;
+} tap_cursor;
+
+static inline void advance(tap_cursor *cur, int64_t step, int64_t taps) {
+    cur->t += step;
+    while (cur->t >= taps) {
+        cur->t -= taps;
+        cur->c++;
+    }
 }
 
 /* Row o's kept weights: offsets and scaled weights (zero weights of dense-rows layers
    skipped); returns how many. */
 static int64_t decode_row(const dsq_conv_layer *L, const conv_job *J, int64_t o, float scale,
                           int64_t *off, float *w) {
-    int64_t p = -1, j = L->symptr[o], count = 0;
+    const int64_t taps = J->KH * J->KW;
+    const int64_t base = (o / (J->rows / J->groups)) * (J->C / J->groups) * J->chan;
+    tap_cursor cur = {0, -1};
+    int64_t j = L->symptr[o], count = 0;
     for (int64_t k = L->rowptr[o]; k < L->rowptr[o + 1]; k++) {
-        if (!L->gaps) p = k - L->rowptr[o];
-        else if (L->gaps[k] == FILL) { p += FILL; continue; }
-        else p += L->gaps[k] + 1;
+        if (L->gaps && L->gaps[k] == FILL) { advance(&cur, FILL, taps); continue; }
+        advance(&cur, L->gaps ? L->gaps[k] + 1 : 1, taps);
         const float v = weight_of(L, j);
         j++;
         if (v == 0.0f) continue;
-        off[count] = tap_offset(J, o, p);
+        off[count] = base + cur.c * J->chan + J->tapoff[cur.t];
         w[count] = v * scale;
         count++;
     }
@@ -370,7 +387,7 @@ static int64_t decode_row_codebook(const dsq_conv_layer *L, const conv_job *J, i
                                    float *segval, int64_t *nseg) {
     int64_t cnt[MAX_GROUP_CB + 1], fill[MAX_GROUP_CB];
     memset(cnt, 0, sizeof cnt);
-    int64_t p = -1, j = L->symptr[o], count = 0;
+    int64_t j = L->symptr[o], count = 0;
     for (int64_t k = L->rowptr[o]; k < L->rowptr[o + 1]; k++) {
         if (L->gaps && L->gaps[k] == FILL) continue;
         const int64_t s = symbol_of(L, j++);
@@ -380,13 +397,15 @@ static int64_t decode_row_codebook(const dsq_conv_layer *L, const conv_job *J, i
         fill[s] = cnt[s];
         cnt[s + 1] += cnt[s];
     }
+    const int64_t taps = J->KH * J->KW;
+    const int64_t base = (o / (J->rows / J->groups)) * (J->C / J->groups) * J->chan;
+    tap_cursor cur = {0, -1};
     j = L->symptr[o];
     for (int64_t k = L->rowptr[o]; k < L->rowptr[o + 1]; k++) {
-        if (!L->gaps) p = k - L->rowptr[o];
-        else if (L->gaps[k] == FILL) { p += FILL; continue; }
-        else p += L->gaps[k] + 1;
+        if (L->gaps && L->gaps[k] == FILL) { advance(&cur, FILL, taps); continue; }
+        advance(&cur, L->gaps ? L->gaps[k] + 1 : 1, taps);
         const int64_t s = symbol_of(L, j++);
-        if (L->cb[s] != 0.0f) off[fill[s]++] = tap_offset(J, o, p);
+        if (L->cb[s] != 0.0f) off[fill[s]++] = base + cur.c * J->chan + J->tapoff[cur.t];
     }
     for (int64_t s = 0; s < L->ncb; s++)
         if (cnt[s + 1] > cnt[s]) {
@@ -483,8 +502,8 @@ int dsq_conv_sparse(const dsq_conv_layer *L, const int64_t *g, int64_t ng, const
     const int per_thread = nt > 1 && J.nchunks >= nt;
     const int64_t copies = per_thread ? nt : 1;
     if (!mul_ok(xfl, 4 * copies, &b_x) || !mul_ok(yfl, 4 * copies, &b_y) ||
-        !add_ok(nnz, L->rows + 1, &t) || !mul_ok(t, 3 * (int64_t)sizeof(int64_t), &b_int) ||
-        !mul_ok(t, (int64_t)sizeof(float), &b_fl))
+        !add_ok(nnz, L->rows + 1, &t) || !mul_ok(t, (int64_t)sizeof(float), &b_fl) ||
+        !mul_ok(t, 3, &t) || !add_ok(t, taps, &t) || !mul_ok(t, (int64_t)sizeof(int64_t), &b_int))
         return DSQ_CONV_ESIZE;
     float *X = conv_scratch(0, b_x), *Y = conv_scratch(1, b_y);
     int64_t *ints = conv_scratch(2, b_int);
@@ -494,6 +513,9 @@ int dsq_conv_sparse(const dsq_conv_layer *L, const int64_t *g, int64_t ng, const
     /* kept weights -> (offset, weight) row by row; codebook: by centroid, in segments */
     int64_t *rowptr = ints, *off = ints + L->rows + 1, *segptr = off + nnz;
     int64_t *segend = segptr + L->rows + 1, nseg = 0;
+    int64_t *tapoff = segend + nnz; /* taps entries after the at most nnz segment ends */
+    tap_table(&J, tapoff);
+    J.tapoff = tapoff;
     rowptr[0] = 0;
     segptr[0] = 0;
     for (int64_t o = 0; o < L->rows; o++) {
