@@ -195,8 +195,22 @@ def run_lenet5(args: argparse.Namespace) -> dict[str, Any]:
 def lenet300_recipes() -> dict[str, dict[str, Any]]:
     dc = ROOT / "recipes" / "deep-compression-lenet300.yaml"
     out: dict[str, Any] = {"deep-compression": str(dc.relative_to(ROOT))}
-    out["svd-lenet300"] = str((ROOT / "recipes" / "svd-lenet300.yaml").relative_to(ROOT))
-    out["svd + deep compression (rank 40/24)"] = {
+    out["svd + deep compression (rank 64/32)"] = {
+        "name": "svd-dc-64", "model": "lenet300", "dataset": "mnist", "seed": 0,
+        "stages": [
+            {"method": "svd", "params": {"rank": {"fc1": 64, "fc2": 32}, "layers": ["fc1", "fc2"]},
+             "finetune": {"epochs": 4, "lr": 0.01, "weight_decay": 0.0, "distill": 0.7}},
+            {"method": "prune",
+             "params": {"sparsity": {"fc1.*": 0.88, "fc2.*": 0.8, "fc3": 0.8},
+                        "schedule": {"kind": "polynomial", "initial_sparsity": 0.4,
+                                     "begin_step": 0, "end_step": 4690, "frequency": 100}},
+             "finetune": {"epochs": 24, "lr": 0.02, "weight_decay": 1e-4, "distill": 0.7}},
+            {"method": "share", "params": {"bits": 4, "init": "linear"},
+             "finetune": {"epochs": 4, "lr": 0.002, "weight_decay": 0.0, "distill": 0.7}},
+        ],
+        "encode": {"huffman": True, "index_bits": "auto"},
+    }
+    out["svd + deep compression (rank 40/24) = svd-lenet300.yaml"] = {
         "name": "svd-dc-40", "model": "lenet300", "dataset": "mnist", "seed": 0,
         "stages": [
             {"method": "svd", "params": {"rank": {"fc1": 40, "fc2": 24}, "layers": ["fc1", "fc2"]},
