@@ -14,10 +14,11 @@ DRAM read                              640 pJ
 =====================================  ========
 
 The estimate counts, for one sample: every multiply-accumulate with a nonzero weight of the
-Linear/Conv layers (the MAC convention of :mod:`deepsqueeze.metrics.macs`, times each layer's
-density) as one float multiply plus one float add, and reading the file's weight bytes once, in
-32-bit words, from DRAM or from SRAM. Activations, instruction fetch and decoding the compressed
-form are not counted; it is an order-of-magnitude figure, as in the papers that use it.
+Linear/Conv layers and compressed layer kinds (the MAC convention of
+:mod:`deepsqueeze.metrics.macs`, times each layer's density) as one float multiply plus one
+float add, and reading the file's weight bytes once, in 32-bit words, from DRAM or from SRAM.
+Activations, instruction fetch and decoding the compressed form are not counted; it is an
+order-of-magnitude figure, as in the papers that use it.
 """
 
 from __future__ import annotations
@@ -62,32 +63,58 @@ class EnergyEstimate:
                 "total_dram_pj": self.total_dram_pj, "source": SOURCE}
 
 
+def _kind(mod: nn.Module) -> str | None:
+    """``conv`` / ``linear`` for a module computing one (``nn.Conv1d/2d``, ``nn.Linear`` and
+    any compressed layer kind with their attributes: ``QuantConv2d``, ``HashedLinear``, ...);
+    None for containers whose children compute (a low-rank layer's two factors)."""
+    if any(_kind(c) is not None for c in mod.children()):
+        return None
+    if isinstance(mod, (nn.Conv1d, nn.Conv2d)) or all(
+            hasattr(mod, a) for a in ("in_channels", "out_channels", "kernel_size")):
+        return "conv"
+    if isinstance(mod, nn.Linear) or all(hasattr(mod, a) for a in ("in_features",
+                                                                    "out_features")):
+        return "linear"
+    return None
+
+
+def _density(mod: nn.Module) -> float:
+    w = getattr(mod, "weight", None)
+    if not isinstance(w, torch.Tensor) or w.numel() == 0:
+        return 1.0
+    return float(torch.count_nonzero(w.detach())) / w.numel()
+
+
 @torch.inference_mode()
 def layer_macs(model: nn.Module, example: torch.Tensor) -> dict[str, tuple[int, float]]:
-    """``{layer: (MACs per sample, weight density)}`` of the Linear/Conv layers ``example``'s
-    first sample runs through."""
+    """``{layer: (MACs per sample, weight density)}`` of the layers ``example``'s first sample
+    runs through: convolutions count ``out elements x in_channels/groups x kernel``, linear
+    layers ``in x out`` per position (the convention of :mod:`deepsqueeze.metrics.macs`), for
+    plain layers and compressed kinds alike (a circulant or hashed layer is counted as the
+    dense product it stands for)."""
     out: dict[str, tuple[int, float]] = {}
     handles = []
 
-    def hook_for(name: str) -> Any:
-        def hook(mod: nn.Module, inp: tuple[torch.Tensor, ...], res: torch.Tensor) -> None:
-            w = mod.weight.detach()
-            density = float(torch.count_nonzero(w)) / max(w.numel(), 1)
-            if isinstance(mod, (nn.Conv1d, nn.Conv2d)):
+    def hook_for(name: str, kind: str) -> Any:
+        def hook(mod: Any, inp: tuple[torch.Tensor, ...], res: torch.Tensor) -> None:
+            if kind == "conv":
                 kernel = 1
-                for k in mod.kernel_size:
-                    kernel *= k
-                macs = res[0].numel() * (mod.in_channels // mod.groups) * kernel
+                for k in (mod.kernel_size if isinstance(mod.kernel_size, tuple)
+                          else (mod.kernel_size,)):
+                    kernel *= int(k)
+                groups = int(getattr(mod, "groups", 1))
+                macs = res[0].numel() * (int(mod.in_channels) // groups) * kernel
             else:
-                assert isinstance(mod, nn.Linear)
-                macs = inp[0][0].numel() // mod.in_features * mod.in_features * mod.out_features
-            prev = out.get(name, (0, density))
-            out[name] = (prev[0] + macs, density)
+                rows = inp[0][0].numel() // int(mod.in_features)
+                macs = rows * int(mod.in_features) * int(mod.out_features)
+            prev = out.get(name, (0, 1.0))
+            out[name] = (prev[0] + macs, _density(mod))
         return hook
 
     for name, mod in model.named_modules():
-        if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Linear)):
-            handles.append(mod.register_forward_hook(hook_for(name)))
+        kind = _kind(mod)
+        if kind is not None and name:
+            handles.append(mod.register_forward_hook(hook_for(name, kind)))
     was_training = model.training
     model.eval()
     try:
