@@ -210,3 +210,21 @@ def test_report_survives_a_forged_plan_json(tmp_path: Path):
     (tmp_path / "plan.json").write_text("[1, 2]")
     with pytest.raises(DeepSqueezeError, match="JSON object"):
         _read_json(tmp_path / "plan.json")
+
+
+def test_energy_counts_compressed_kinds_and_nonzero_weights():
+    from deepsqueeze import models
+    from deepsqueeze.analysis.energy import PJ_DRAM_32, estimate, layer_macs
+    from deepsqueeze.analysis.sweeps import apply_option
+
+    net = models.create("lenet5")
+    x = torch.zeros(1, 1, 28, 28)
+    dense = layer_macs(net, x)
+    assert sum(m for m, _ in dense.values()) == 2_293_000  # 288k + 1.6M + 400k + 5k
+    apply_option(net, "conv1", Option((("quantize", 8),)))  # conv1 becomes a QuantConv2d kind
+    apply_option(net, "fc1", Option((("prune", 0.9),)))
+    after = layer_macs(net, x)
+    assert after["conv1"][0] == 288_000 and after["fc1"][1] == pytest.approx(0.1, abs=1e-3)
+    e = estimate(net, x, weight_bytes=4000)
+    assert e.macs == 2_293_000 and e.effective_macs < e.macs - 350_000
+    assert e.weights_dram_pj == 1000 * PJ_DRAM_32 and e.total_dram_pj > e.total_sram_pj
