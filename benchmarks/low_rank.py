@@ -333,8 +333,9 @@ def run_resnet20(args: argparse.Namespace) -> dict[str, Any]:
             f"speedup {rows[-1]['speedup']}")
     return {"model": "resnet20", "dataset": "fashion-mnist", "layers": convs,
             "note": "short runs on a shared CPU: dense model trained 2 epochs on 10,000 "
-                    "training images, fine-tuning on the same 10,000, top-1 on 2,000 test "
-                    "images (stratified subsets)",
+                    "training images, top-1 on 2,000 test images (stratified subsets); "
+                    + (f"fine-tuning {args.resnet_finetune_epochs} epoch on the same 10,000"
+                       if args.resnet_finetune_epochs > 0 else "no fine-tuning"),
             "finetune_epochs": args.resnet_finetune_epochs, "rows": rows,
             "latency_note": "one interleaved run per batch size, median; torch threads "
                             f"{torch.get_num_threads()}"}
