@@ -13,7 +13,7 @@ it builds every applicable encoding and keeps the smallest (the real byte count 
 Index streams are Huffman-coded when that is smaller than fixed-width packing. The relative index
 always ends at the tensor's last element (stored as a zero if it is zero), so the decoder knows
 the tensor is fully covered and can bound its allocation by the entries it actually read.
-Methods whose result is not visible in the values (hashing, packed bits) bring their own encoder.
+Methods that change a layer's structure store it as a layer kind whose tensors come here too.
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ fine-tuning. Methods compose by applying them one after another (prune → share
 
 How a compressed weight is *stored* is decided from the weight itself when the model is saved
 (zeros → sparse positions, few distinct values → codebook indices); a method whose result cannot
-be seen in the values (hashing, low-rank factors, packed bits) attaches its own encoder.
+be seen in the values replaces the layer by a compressed layer kind (``models.graph.register_kind``)
+whose tensors are stored the same way.
 """
 
 from __future__ import annotations
