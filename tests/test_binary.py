@@ -298,9 +298,12 @@ def test_file_holds_one_bit_per_weight_and_loads_back(lenet300_file):
     net, path = lenet300_file
     report = inspect(path)
     rows = {r.layer: r for r in report.layers}
-    for name in ("fc1", "fc2"):
-        assert rows[name].encoding == "codebook"
-        assert rows[name].bits_per_weight < 1.01
+    dsq_file = read_dsq(path)
+    for name, numel in (("fc1", 784 * 300), ("fc2", 300 * 100)):
+        entry = next(e for e in dsq_file.meta["tensors"] if e["name"] == f"{name}.weight")
+        assert entry["encoding"] == "codebook" and entry["value_bits"] == 1
+        assert len(dsq_file.sections[f"{name}.weight:values"]) == (numel + 7) // 8  # 1 bit each
+        assert rows[name].bits_per_weight < 1.25  # signs + scales + biases
     weights = 784 * 300 + 300 * 100
     assert report.file_bytes < weights / 8 + 4 * (1010 + 400 + 400 + 10) + 3000
     meta = read_dsq(path).meta
