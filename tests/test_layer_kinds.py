@@ -223,3 +223,36 @@ def test_registering_another_class_under_a_kind_name_is_refused() -> None:
         G.register_kind("TestTwoFactorLinear", UserNet, {})
     with pytest.raises(ValueError, match="already registered"):
         G.register_kind("Linear", TwoFactorLinear, {})
+
+
+def test_macs_count_a_kind_as_its_dense_layer_and_factors_as_themselves() -> None:
+    from deepsqueeze.metrics.macs import macs_per_sample
+
+    model = _kinds_lenet300()
+    assert macs_per_sample(model, (1, 28, 28)) == 784 * 20 + 20 * 300 + 300 * 100 + 100 * 10
+
+
+class BNNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.fc = nn.Linear(4 * 6 * 6, 16)
+        self.bn = nn.BatchNorm1d(16)
+        self.out = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.bn(self.fc(torch.flatten(self.conv(x), 1))))
+
+
+def test_runtime_with_a_skeleton_left_in_train_mode_still_runs_compressed(
+        tmp_path: Path) -> None:
+    torch.manual_seed(2)
+    net = BNNet().eval()
+    for layer in (net.conv, net.fc):
+        set_mask(layer, magnitude_mask(layer.weight.detach(), 0.8))
+    path = tmp_path / "bn.dsq"
+    dsq.save(net, path, example_inputs=torch.randn(4, 1, 8, 8))  # inputs recorded: shape pass
+    rt = load_runtime(path, model=BNNet().train(), autotune=False)  # BatchNorm in train mode
+    assert {"conv", "fc"} <= {c.layer for c in rt.deepsqueeze_runtime.layers}
+    x = torch.randn(1, 1, 8, 8)
+    torch.testing.assert_close(rt(x), dsq.load(path, model=BNNet())(x), rtol=1e-4, atol=1e-5)

@@ -6,8 +6,26 @@ from typing import Union
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
+
+from deepsqueeze.models.graph import KINDS
 
 ExampleInputs = Union[torch.Tensor, tuple[torch.Tensor, ...]]  # noqa: UP007 (a runtime alias)
+
+
+def _pair(k: int | tuple[int, ...]) -> tuple[int, ...]:
+    return k if isinstance(k, tuple) else tuple(k) if isinstance(k, list) else (k,)
+
+
+def _dense_kind(mod: nn.Module) -> bool:
+    """A registered layer kind computing one dense-equivalent Linear or Conv (no such child)."""
+    cls = type(mod).__bases__[0] if parametrize.is_parametrized(mod) else type(mod)
+    if cls not in {k.cls for k in KINDS.values()}:
+        return False
+    if any(isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) for m in mod.modules()):
+        return False
+    return (hasattr(mod, "in_features") and hasattr(mod, "out_features")) or all(
+        hasattr(mod, a) for a in ("in_channels", "kernel_size"))
 
 
 def first_sample(example_inputs: ExampleInputs) -> tuple[torch.Tensor, ...]:
@@ -30,23 +48,24 @@ def macs_per_sample(
     dimension first: any shape, any number of inputs, integer token ids included).
 
     Convolutions (1-D and 2-D) count ``out_elements × in_channels/groups × kernel elements``;
-    linear layers count ``in_features × out_features`` per position. Embedding lookups,
-    elementwise ops, pooling and normalization are not counted (the usual convention of the
-    papers this project compares to).
+    linear layers count ``in_features × out_features`` per position. A compressed layer kind
+    (binary, hashed, quantized, circulant...) without Linear/Conv children counts as the dense
+    layer it stands for (a low-rank kind's factors are counted as the layers they are).
+    Embedding lookups, elementwise ops, pooling and normalization are not counted (the usual
+    convention of the papers this project compares to).
     """
     if (input_shape is None) == (example_inputs is None):
         raise ValueError("give exactly one of input_shape and example_inputs")
     total = 0
 
-    def conv_hook(mod: nn.Conv1d | nn.Conv2d, _inp: tuple[torch.Tensor, ...],
-                  out: torch.Tensor) -> None:
+    def conv_hook(mod: nn.Module, _inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
         nonlocal total
         kernel = 1
-        for k in mod.kernel_size:
+        for k in _pair(mod.kernel_size):
             kernel *= k
-        total += out[0].numel() * (mod.in_channels // mod.groups) * kernel
+        total += out[0].numel() * (mod.in_channels // getattr(mod, "groups", 1)) * kernel
 
-    def linear_hook(mod: nn.Linear, inp: tuple[torch.Tensor, ...], _out: torch.Tensor) -> None:
+    def linear_hook(mod: nn.Module, inp: tuple[torch.Tensor, ...], _out: torch.Tensor) -> None:
         nonlocal total
         rows = inp[0][0].numel() // mod.in_features  # 1 unless applied per position
         total += rows * mod.in_features * mod.out_features
@@ -57,6 +76,9 @@ def macs_per_sample(
             handles.append(mod.register_forward_hook(conv_hook))
         elif isinstance(mod, nn.Linear):
             handles.append(mod.register_forward_hook(linear_hook))
+        elif _dense_kind(mod):
+            linear = hasattr(mod, "in_features") and hasattr(mod, "out_features")
+            handles.append(mod.register_forward_hook(linear_hook if linear else conv_hook))
     was_training = model.training
     model.eval()
     try:

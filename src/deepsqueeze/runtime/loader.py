@@ -117,7 +117,7 @@ def _input_shapes(
         hooks = [model.get_submodule(n).register_forward_pre_hook(record(n)) for n in names]
         try:
             with torch.no_grad():
-                model(*inputs)
+                model.eval()(*inputs)  # a skeleton in train mode: BatchNorm refuses batch 1
         except Exception as exc:
             if not trusted:
                 raise DsqFormatError(f"stored shapes do not form a working model: {exc}") from exc
