@@ -177,7 +177,8 @@ def run_model(key: str, qat_epochs: float, runs: int, subset: int | None,
     fp32 = files["fp32"]
     entry: dict[str, Any] = {
         "model": model, "dataset": dataset,
-        **_baseline_facts(model, dataset), "qat_epochs": qat_epochs,
+        **_baseline_facts(model, dataset),
+        "qat_epochs": qat_epochs if any("qat" in v for v in variants) else None,
         "qat_train_subset": subset if any("qat" in v for v in variants) else None,
         "seconds_to_make_files": round(made, 1),
         "variants": {
