@@ -776,3 +776,19 @@ def test_random_mutations_give_the_same_content_or_a_format_error(edits, cut, in
     except DsqFormatError:
         return
     assert f == parse_dsq(SMALL)
+
+
+@pytest.mark.parametrize("density", [0.5, 0.7])
+def test_a_half_or_more_dense_pruned_tensor_is_still_stored_sparse_when_smaller(
+        density: float) -> None:
+    """Sparse positions + values win up to ~80 % density: 50 % pruned used to be stored dense."""
+    import torch
+
+    from deepsqueeze.codec.tensor import decode_tensor, encode_tensor
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(300, 784, generator=g)
+    w[torch.rand(w.shape, generator=g) > density] = 0
+    enc = encode_tensor("w", w)
+    assert enc.entry["encoding"] == "sparse" and enc.nbytes < 0.9 * w.numel() * 4
+    assert torch.equal(decode_tensor(enc.entry, enc.sections), w)
