@@ -215,9 +215,10 @@ def test_pruned_int8_is_stored_sparse(tmp_path: Path) -> None:
     assert float((model.fc1.weight == 0).float().mean()) >= 0.89
     path = tmp_path / "pruned-int8.dsq"
     deepsqueeze.save(model, path)
-    report = deepsqueeze.inspect(path)
-    enc = {row.layer: row.encoding for row in report.layers}
-    assert enc["fc1"] == "sparse-codebook", enc
+    from deepsqueeze.dsq import read_model_file
+
+    entry = read_model_file(path).entries["fc1.weight"]
+    assert entry["encoding"] == "sparse-codebook" and entry["dtype"] == "int8", entry
     loaded = deepsqueeze.load(path)
     torch.testing.assert_close(loaded.fc1.weight, model.fc1.weight, atol=0, rtol=0)
 

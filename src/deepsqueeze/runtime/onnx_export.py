@@ -124,15 +124,14 @@ def export_onnx(source: nn.Module | str | Path, out: str | Path | None = None,
 
 def onnx_session(model: bytes | str | Path, threads: int | None = None) -> Any:
     """An onnxruntime CPU ``InferenceSession`` with ``threads`` intra-op threads (default: the
-    torch thread count), one inter-op thread, subnormal floats flushed to zero."""
+    torch thread count) and one inter-op thread."""
     ort = _require("onnxruntime")
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads or torch.get_num_threads()
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
-    # denormals as zero: a layer whose float path meets subnormal values otherwise runs several
-    # times slower (measured: the int8 LeNet-300-100 at batch 256 took 1.5 to 9.6 ms by input)
-    opts.add_session_config_entry("session.set_denormal_as_zero", "1")
+    # not "session.set_denormal_as_zero": it sets the calling thread's FTZ/DAZ flags, which then
+    # leak into every later numpy / torch computation of the process
     src = model if isinstance(model, bytes) else str(model)
     return ort.InferenceSession(src, sess_options=opts, providers=["CPUExecutionProvider"])
 

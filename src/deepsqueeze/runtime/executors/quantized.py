@@ -117,7 +117,6 @@ def _session(model: Any) -> Any:
     opts.intra_op_num_threads = torch.get_num_threads()
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
-    opts.add_session_config_entry("session.set_denormal_as_zero", "1")
     return ort.InferenceSession(model.SerializeToString(), sess_options=opts,
                                 providers=["CPUExecutionProvider"])
 
