@@ -28,11 +28,13 @@ from deepsqueeze.models.hashed import (
     CirculantLinear,
     HashedConv2d,
     HashedLinear,
+    ToeplitzLinear,
     buckets_for,
     circulant_matrix,
     hash_index,
     index_check,
     input_signs,
+    toeplitz_matrix,
     xxh32_pairs,
 )
 from deepsqueeze.runtime import kernel as K
@@ -225,6 +227,26 @@ def test_circulant_projection_recovers_a_circulant_matrix() -> None:
     assert circulant_matrix(torch.arange(3.0)).tolist() == [[0, 2, 1], [1, 0, 2], [2, 1, 0]]
 
 
+@pytest.mark.parametrize("n, d", [(8, 8), (8, 5), (5, 13), (1, 3), (7, 1)])
+def test_toeplitz_layer_equals_its_explicit_matrix(n: int, d: int) -> None:
+    torch.manual_seed(n + 10 * d)
+    layer = ToeplitzLinear(n, d, seed=5)
+    t = layer.weight.detach()
+    assert t.shape == (d + n - 1,)
+    explicit = torch.empty(d, n)
+    for a in range(d):
+        for c in range(n):
+            explicit[a, c] = t[a - c + n - 1]
+    explicit = explicit * input_signs(n, 5).float()
+    torch.testing.assert_close(layer.dense_weight(), explicit)
+    x = torch.randn(4, n)
+    torch.testing.assert_close(layer(x), x @ explicit.T + layer.bias, atol=1e-5, rtol=1e-5)
+    target = ToeplitzLinear(n, d, seed=5)
+    target.load_dense(layer.dense_weight())  # projection recovers a Toeplitz matrix
+    torch.testing.assert_close(target.dense_weight(), layer.dense_weight())
+    assert toeplitz_matrix(torch.arange(4.0), 2, 3).tolist() == [[2, 1, 0], [3, 2, 1]]
+
+
 # ------------------------------------------------------------------------------ methods
 
 
@@ -255,6 +277,7 @@ def test_methods_replace_the_selected_layers() -> None:
     ("hash", {"factor": 0.1, "init": "zeros"}, "init"),
     ("hash", {"fator": 0.1}, "fator"),
     ("circulant", {"seed": -1}, "seed"),
+    ("circulant", {"structure": "hankel"}, "structure"),
 ])
 def test_bad_method_parameters_name_the_field(name: str, params: dict[str, Any],
                                               message: str) -> None:
@@ -322,6 +345,57 @@ def test_hashed_conv_round_trip(tmp_path: Path) -> None:
     dsq.save(m, path)
     x = torch.randn(2, 1, 28, 28)
     torch.testing.assert_close(dsq.load(path)(x), m(x))
+
+
+def _toeplitz_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    m = models.create("lenet300")
+    create_method("circulant", structure="toeplitz").apply(m, select_layers(m, ["fc2"]))
+    create_method("circulant").apply(m, select_layers(m, ["fc3"]))
+    return m
+
+
+def test_toeplitz_round_trip_and_runtime(tmp_path: Path) -> None:
+    m = _toeplitz_model()
+    assert isinstance(m.fc2, ToeplitzLinear) and m.fc2.weight.numel() == 300 + 100 - 1
+    path = tmp_path / "t.dsq"
+    dsq.save(m, path)
+    x = torch.randn(4, 1, 28, 28)
+    dense = dsq.load(path)
+    assert isinstance(dense.fc2, ToeplitzLinear) and isinstance(dense.fc3, CirculantLinear)
+    torch.testing.assert_close(dense(x), m(x))
+    torch.testing.assert_close(dsq.load(path, model=models.create("lenet300"))(x), m(x))
+    specs = parse_dsq(path.read_bytes()).meta["modules"]
+    assert specs["fc2"]["type"] == "ToeplitzLinear"
+    # circulant layers keep the options files were written with before Toeplitz existed
+    assert set(specs["fc3"]["config"]) == {"in_features", "out_features", "seed", "bias"}
+    assert dsq.read_model_file(path).entries["fc2.weight"]["shape"] == [399]
+    want = dense(x)
+    for impl in ("fft", "dense"):
+        rt = load_runtime(path, autotune=False, impls={"fc2": impl, "fc3": impl})
+        with torch.inference_mode():
+            torch.testing.assert_close(rt(x), want, atol=1e-5, rtol=1e-4)
+            assert rt(x[:0]).shape == (0, 10)
+            with pytest.raises(RuntimeInputError):
+                rt.fc2(torch.zeros(2, 299))
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda m: _config("fc2")(m).update(out_features=101), "fit|stored|399"),
+    (lambda m: _config("fc2")(m).update(in_features=301), "fit|stored|399|shape"),
+    (lambda m: _config("fc2")(m).update(seed=2**33), "seed"),
+    (lambda m: _config("fc2")(m).update(structure="toeplitz"), "options must be exactly"),
+    (lambda m: _config("fc3")(m).update(structure="toeplitz"), "options must be exactly"),
+    (lambda m: m["modules"]["fc2"].update(type="CirculantLinear"), "fit|stored|shape"),
+    (lambda m: m["modules"]["fc2"].update(type="ToeplitzMatrix"), "type|kind"),
+])
+def test_forged_toeplitz_options_are_refused(tmp_path: Path, change: Any, message: str) -> None:
+    path = tmp_path / "t.dsq"
+    dsq.save(_toeplitz_model(), path)
+    data = _forge(path, change)
+    for load in (dsq.load, lambda d: load_runtime(d, autotune=False)):
+        with pytest.raises(DsqFormatError, match=message):
+            load(data)
 
 
 # ------------------------------------------------------------------------------ runtime

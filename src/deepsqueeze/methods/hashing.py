@@ -10,7 +10,9 @@ later ``share`` or quantization applies to them like to any weight) and the seed
 
 ``circulant`` replaces selected Linear layers by :class:`~deepsqueeze.models.hashed.
 CirculantLinear` (Cheng et al., ICCV 2015), initialized by projecting the trained weight onto
-the circulant-with-random-signs structure (``init="project"``) or at random.
+the circulant-with-random-signs structure (``init="project"``) or at random; with
+``structure: toeplitz`` by :class:`~deepsqueeze.models.hashed.ToeplitzLinear` (``out + in - 1``
+parameters, the same random signs, the same FFT evaluation through a ``out + in`` circulant).
 """
 
 from __future__ import annotations
@@ -26,9 +28,11 @@ from deepsqueeze.errors import ModelError
 from deepsqueeze.methods.base import Method, MethodParams, per_layer, register_method
 from deepsqueeze.models.hashed import (
     MAX_VIRTUAL,
+    STRUCTURED,
     CirculantLinear,
     HashedConv2d,
     HashedLinear,
+    ToeplitzLinear,
     buckets_for,
 )
 
@@ -93,16 +97,21 @@ def hash_layer(module: nn.Module, factor: float, seed: int, *, init: str = "mean
 
 
 def circulant_layer(module: nn.Module, seed: int, *, init: str = "project",
-                    name: str = "") -> CirculantLinear:
-    """A :class:`CirculantLinear` twin of a Linear layer."""
+                    structure: str = "circulant", name: str = ""
+                    ) -> CirculantLinear | ToeplitzLinear:
+    """A :class:`CirculantLinear` (``structure="circulant"``) or :class:`ToeplitzLinear`
+    (``"toeplitz"``) twin of a Linear layer."""
     label = name or type(module).__name__
     if not isinstance(module, nn.Linear):
         raise ModelError(f"layer {label!r}: circulant supports Linear, not "
                          f"{type(module).__name__}")
+    if structure not in STRUCTURED:
+        raise ModelError(f"unknown circulant structure {structure!r}; known: "
+                         f"{', '.join(STRUCTURED)}")
     w = _weight(label, module)
     bias = _bias(module)
-    new = CirculantLinear(module.in_features, module.out_features, seed, bias is not None,
-                          **_factory(w))  # type: ignore[arg-type]
+    new = STRUCTURED[structure](module.in_features, module.out_features, seed, bias is not None,
+                                **_factory(w))  # type: ignore[arg-type]
     if init == "project":
         new.load_dense(w)
     elif init != "random":
@@ -170,12 +179,16 @@ class CirculantParams(MethodParams):
     layers: list[str] | None = None
     seed: int = Field(0, ge=0, description="base seed of the random sign flips")
     init: Literal["project", "random"] = Field(
-        "project", description="nearest circulant matrix to the trained weight, or random")
+        "project", description="nearest structured matrix to the trained weight, or random")
+    structure: Literal["circulant", "toeplitz"] = Field(
+        "circulant", description="circulant (ceil(out/in)·in parameters) or Toeplitz "
+                                 "(out + in - 1 parameters), both by FFT")
 
 
 @register_method
 class Circulant(Method):
-    """Circulant projections: selected Linear layers become ``CirculantLinear`` (FFT)."""
+    """Circulant projections: selected Linear layers become ``CirculantLinear`` or, with
+    ``structure: toeplitz``, ``ToeplitzLinear`` (both by FFT)."""
 
     name = "circulant"
     Params = CirculantParams
@@ -187,13 +200,15 @@ class Circulant(Method):
             _weight(name, module)
             _check_size(name, module)
         new = {name: circulant_layer(module, layer_seed(self.params.seed, name),
-                                     init=self.params.init, name=name)
+                                     init=self.params.init, structure=self.params.structure,
+                                     name=name)
                for name, module in layers.items()}
         for name, module in new.items():
             _replace(model, name, module)
 
     def finalize(self, model: nn.Module) -> None:
-        """Check that fine-tuning left every circulant vector finite."""
+        """Check that fine-tuning left every circulant / Toeplitz vector finite."""
         for name, mod in model.named_modules():
-            if isinstance(mod, CirculantLinear) and not torch.isfinite(mod.weight).all():
+            if isinstance(mod, (CirculantLinear, ToeplitzLinear)) and not torch.isfinite(
+                    mod.weight).all():
                 raise ModelError(f"layer {name!r}: weights became NaN/inf during fine-tuning")

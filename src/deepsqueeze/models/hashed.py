@@ -51,10 +51,12 @@ __all__ = [
     "MAX_BUCKETS",
     "MAX_VIRTUAL",
     "SIGN_SALT",
+    "STRUCTURED",
     "CirculantLinear",
     "HashedConv2d",
     "HashedLinear",
     "HashedMLP",
+    "ToeplitzLinear",
     "bucket_of",
     "buckets_for",
     "circulant_matrix",
@@ -62,6 +64,8 @@ __all__ = [
     "index_check",
     "input_signs",
     "sign_of",
+    "toeplitz_fft_size",
+    "toeplitz_matrix",
     "xxh32_pairs",
 ]
 
@@ -334,26 +338,43 @@ def circulant_matrix(r: torch.Tensor) -> torch.Tensor:
     return r[..., (a.unsqueeze(1) - a.unsqueeze(0)) % n]
 
 
-class CirculantLinear(nn.Module):
-    """``y = (stacked circulant C(r_b)) · D · x`` truncated to ``out_features``, by FFT.
+def toeplitz_matrix(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """The ``rows × cols`` Toeplitz matrix ``T[a, b] = t[a - b + cols - 1]`` of a vector ``t``
+    of ``rows + cols - 1`` values (``t[cols - 1]`` on the main diagonal)."""
+    if t.shape[-1] != rows + cols - 1:
+        raise ValueError(f"a {rows} x {cols} Toeplitz matrix needs {rows + cols - 1} values, "
+                         f"got {t.shape[-1]}")
+    a = torch.arange(rows, device=t.device).unsqueeze(1)
+    b = torch.arange(cols, device=t.device).unsqueeze(0)
+    return t[..., a - b + cols - 1]
 
-    ``weight`` holds the ``blocks × n`` defining vectors (``n = in_features``,
-    ``blocks = ceil(out / n)``); ``D`` is regenerated from ``seed``.
-    """
 
-    def __init__(self, in_features: int, out_features: int, seed: int = 0, bias: bool = True,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None
-                 ) -> None:
-        super().__init__()
+def toeplitz_fft_size(rows: int, cols: int) -> int:
+    """FFT length of a Toeplitz product: ``rows + cols`` (``2n`` for a square map), at least the
+    ``rows + cols - 1`` that keeps the wrapped-around terms out of the kept outputs."""
+    return rows + cols
+
+
+class _Structured(nn.Module):
+    """Shared part of the circulant and Toeplitz layers: shape and seed checks, the ±1
+    diagonal ``D`` (regenerated from ``seed``, cached per device and dtype), the init."""
+
+    structure: str
+    in_features: int
+    out_features: int
+    seed: int
+    weight: nn.Parameter
+
+    def _init_structured(self, in_features: int, out_features: int, seed: int, bias: bool,
+                         shape: tuple[int, ...], factory: dict[str, object]) -> None:
+        who = type(self).__name__
         if in_features * out_features > MAX_VIRTUAL or min(in_features, out_features) < 1:
-            raise ModelError(f"CirculantLinear: {out_features} x {in_features} must be "
+            raise ModelError(f"{who}: {out_features} x {in_features} must be "
                              f"positive and at most {MAX_VIRTUAL:,} weights")
         if not 0 <= seed <= MAX_SEED:
-            raise ModelError(f"CirculantLinear: seed must be in 0..{MAX_SEED}, got {seed}")
+            raise ModelError(f"{who}: seed must be in 0..{MAX_SEED}, got {seed}")
         self.in_features, self.out_features, self.seed = in_features, out_features, seed
-        self.blocks = -(-out_features // in_features)
-        factory = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.empty(self.blocks, in_features, **factory))  # type: ignore[arg-type]
+        self.weight = nn.Parameter(torch.empty(*shape, **factory))  # type: ignore[arg-type]
         self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None  # type: ignore[arg-type]
         self._signs: torch.Tensor | None = None
         if self.weight.device.type != "meta":
@@ -374,6 +395,38 @@ class CirculantLinear(nn.Module):
         self._signs = None
         return super()._apply(fn, recurse)
 
+    def _project(self, weight: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:
+        """Mean of the sign-corrected entries of ``weight`` ``[out, in]`` that share each of the
+        ``size`` parameters (``index``: parameter of every entry): the Frobenius-nearest
+        structured matrix (parameters no entry uses get 0)."""
+        w = (weight.detach().to(self.weight) * self.signs()).reshape(-1)
+        flat = index.reshape(-1)
+        sums = torch.zeros(size, dtype=w.dtype, device=w.device).index_add_(0, flat, w)
+        counts = torch.bincount(flat, minlength=size).to(w.dtype)
+        return sums / counts.clamp_min(1)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"params={self.weight.numel()}, seed={self.seed}, bias={self.bias is not None}")
+
+
+class CirculantLinear(_Structured):
+    """``y = (stacked circulant C(r_b)) · D · x`` truncated to ``out_features``, by FFT.
+
+    ``weight`` holds the ``blocks × n`` defining vectors (``n = in_features``,
+    ``blocks = ceil(out / n)``); ``D`` is regenerated from ``seed``.
+    """
+
+    structure = "circulant"
+
+    def __init__(self, in_features: int, out_features: int, seed: int = 0, bias: bool = True,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None
+                 ) -> None:
+        super().__init__()
+        self.blocks = -(-out_features // max(1, in_features))
+        self._init_structured(in_features, out_features, seed, bias,
+                              (self.blocks, in_features), {"device": device, "dtype": dtype})
+
     def dense_weight(self) -> torch.Tensor:
         """The explicit ``[out, in]`` matrix."""
         c = circulant_matrix(self.weight).reshape(self.blocks * self.in_features,
@@ -392,24 +445,55 @@ class CirculantLinear(nn.Module):
     def load_dense(self, weight: torch.Tensor) -> None:
         """The nearest (Frobenius) structured matrix to ``weight``: each ``r_b[k]`` is the mean
         of the sign-corrected entries of its wrapped diagonal."""
-        n = self.in_features
-        w = weight.detach().to(self.weight) * self.signs()
-        full = torch.zeros(self.blocks * n, n, dtype=w.dtype, device=w.device)
-        full[: self.out_features] = w
-        a = torch.arange(n, device=w.device)
-        diag = ((a.unsqueeze(1) - a.unsqueeze(0)) % n).expand(self.blocks, n, n)
-        sums = torch.zeros(self.blocks, n, dtype=w.dtype, device=w.device)
-        sums.scatter_add_(1, diag.reshape(self.blocks, -1), full.view(self.blocks, -1))
-        valid = torch.zeros(self.blocks * n, n, dtype=w.dtype, device=w.device)
-        valid[: self.out_features] = 1
-        counts = torch.zeros_like(sums).scatter_add_(1, diag.reshape(self.blocks, -1),
-                                                     valid.view(self.blocks, -1))
+        n, d = self.in_features, self.out_features
+        a = torch.arange(d, device=self.weight.device).unsqueeze(1)
+        b = torch.arange(n, device=self.weight.device).unsqueeze(0)
+        index = (a // n) * n + (a - b) % n
         with torch.no_grad():
-            self.weight.copy_(sums / counts.clamp_min(1))
+            self.weight.copy_(self._project(weight, index, self.blocks * n).view(self.blocks, n))
 
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"blocks={self.blocks}, seed={self.seed}, bias={self.bias is not None}")
+
+class ToeplitzLinear(_Structured):
+    """``y = T(t) · D · x``: an ``out × in`` Toeplitz map ``T[a, b] = t[a - b + in - 1]`` from
+    ``out + in - 1`` parameters (``2n - 1`` for a square map), computed by embedding ``T`` in a
+    circulant of :func:`toeplitz_fft_size` (``2n``) and FFT; ``D`` as in :class:`CirculantLinear`.
+    """
+
+    structure = "toeplitz"
+
+    def __init__(self, in_features: int, out_features: int, seed: int = 0, bias: bool = True,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None
+                 ) -> None:
+        super().__init__()
+        self._init_structured(in_features, out_features, seed, bias,
+                              (out_features + in_features - 1,),
+                              {"device": device, "dtype": dtype})
+
+    def dense_weight(self) -> torch.Tensor:
+        """The explicit ``[out, in]`` matrix."""
+        return toeplitz_matrix(self.weight, self.out_features, self.in_features) * self.signs()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, d = self.in_features, self.out_features
+        size = toeplitz_fft_size(d, n)
+        fx = torch.fft.rfft(x * self.signs(), n=size)
+        ft = torch.fft.rfft(self.weight, n=size)
+        y = torch.fft.irfft(fx * ft, n=size)[..., n - 1: n - 1 + d]
+        return y if self.bias is None else y + self.bias
+
+    def load_dense(self, weight: torch.Tensor) -> None:
+        """The nearest (Frobenius) Toeplitz-with-signs matrix to ``weight``: each ``t[k]`` is
+        the mean of the sign-corrected entries of its diagonal."""
+        n, d = self.in_features, self.out_features
+        a = torch.arange(d, device=self.weight.device).unsqueeze(1)
+        b = torch.arange(n, device=self.weight.device).unsqueeze(0)
+        with torch.no_grad():
+            self.weight.copy_(self._project(weight, a - b + n - 1, d + n - 1))
+
+
+STRUCTURED: dict[str, type[CirculantLinear] | type[ToeplitzLinear]] = {
+    "circulant": CirculantLinear, "toeplitz": ToeplitzLinear}
+"""The structured-projection layer of each ``structure`` of the ``circulant`` method."""
 
 
 # --------------------------------------------------------------------------------- registry
@@ -430,6 +514,11 @@ register_kind("HashedConv2d", HashedConv2d, {
     "bias": bool_option, "check": _CHECK,
 })
 register_kind("CirculantLinear", CirculantLinear, {
+    "in_features": _FEATURES, "out_features": _FEATURES, "seed": _SEED, "bias": bool_option,
+})
+# Its own kind (not an option of CirculantLinear's): a kind's stored options must be exactly its
+# registered ones, so a new CirculantLinear option would make every older file unreadable.
+register_kind("ToeplitzLinear", ToeplitzLinear, {
     "in_features": _FEATURES, "out_features": _FEATURES, "seed": _SEED, "bias": bool_option,
 })
 

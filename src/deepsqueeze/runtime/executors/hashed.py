@@ -13,8 +13,9 @@ tiles      torch: the index of a block of rows regenerated per call (torch     b
 densify    the dense virtual matrix written on each call (C, torch without     buckets (~file)
            it), then ``F.linear`` / ``F.conv2d``; freed after the call
 dense      the dense virtual matrix decoded once                               dense fp32
-fft        CirculantLinear: ``irfft(rfft(r) · rfft(D x))``                     r + signs
-dense      CirculantLinear: the explicit matrix                                dense fp32
+fft        CirculantLinear: ``irfft(rfft(r) · rfft(D x))``; ToeplitzLinear:     r (t) + signs
+           the same through the ``out + in`` circulant that embeds ``T``
+dense      CirculantLinear / ToeplitzLinear: the explicit matrix               dense fp32
 =========  ==================================================================  ===============
 
 The readers check every stored tensor of the kind against the module's (already checked)
@@ -38,9 +39,12 @@ from deepsqueeze.models.hashed import (
     CirculantLinear,
     HashedConv2d,
     HashedLinear,
+    ToeplitzLinear,
     circulant_matrix,
     hash_index,
     input_signs,
+    toeplitz_fft_size,
+    toeplitz_matrix,
 )
 from deepsqueeze.runtime.forms import LayerForm, register_layer_form
 from deepsqueeze.runtime.kernel import check_rc, get_kernel
@@ -55,7 +59,8 @@ from deepsqueeze.runtime.layers import (
 if TYPE_CHECKING:
     from deepsqueeze.dsq import StoredModel
 
-__all__ = ["CirculantForm", "HashedForm", "hashed_densify", "read_circulant", "read_hashed"]
+__all__ = ["CirculantForm", "HashedForm", "hashed_densify", "read_circulant", "read_hashed",
+           "read_toeplitz"]
 
 _F32 = torch.float32
 TILE_WEIGHTS = 1 << 16
@@ -74,12 +79,14 @@ class HashedForm:
 
 @dataclass(frozen=True)
 class CirculantForm:
-    """A circulant layer from the file: ``weight`` ``[blocks, n]``, ``out`` rows, ``seed``."""
+    """A circulant layer from the file: ``weight`` ``[blocks, n]``, ``out`` rows, ``seed``;
+    or (``structure="toeplitz"``) a Toeplitz layer: ``weight`` ``[out + n - 1]``."""
 
     in_features: int
     out_features: int
     weight: torch.Tensor
     seed: int
+    structure: str = "circulant"
 
 
 def _stored(stored: StoredModel, key: str, numel: int, what: str) -> torch.Tensor:
@@ -125,6 +132,18 @@ def read_circulant(name: str, module: nn.Module, stored: StoredModel) -> LayerFo
     tensors = [f"{name}.weight", *([f"{name}.bias"] if bias is not None else [])]
     return LayerForm(form, bias, tensors, [module.out_features, n], "circulant", blocks * n,
                      blocks * n / (module.out_features * n))
+
+
+def read_toeplitz(name: str, module: nn.Module, stored: StoredModel) -> LayerForm:
+    """The Toeplitz :class:`CirculantForm` of a ToeplitzLinear (``{name}.weight``,
+    ``[out + in - 1]``)."""
+    assert isinstance(module, ToeplitzLinear)
+    n, d = module.in_features, module.out_features
+    weight = _stored(stored, f"{name}.weight", d + n - 1, f"Toeplitz layer {name!r}")
+    bias = _bias(stored, name, module, d)
+    form = CirculantForm(n, d, weight, module.seed, "toeplitz")
+    tensors = [f"{name}.weight", *([f"{name}.bias"] if bias is not None else [])]
+    return LayerForm(form, bias, tensors, [d, n], "toeplitz", d + n - 1, (d + n - 1) / (d * n))
 
 
 # ------------------------------------------------------------------------------ C entry points
@@ -307,14 +326,17 @@ class HashedDenseConv2d(_ConvBase):
 
 
 class CirculantFFT(RuntimeLayer):
-    """``irfft(rfft(r_b) · rfft(D x))``, blocks stacked, truncated to ``out`` (O(n log n))."""
+    """``irfft(rfft(r_b) · rfft(D x))``, blocks stacked, truncated to ``out`` (O(n log n));
+    Toeplitz: ``irfft(rfft(t) · rfft(D x))`` at size ``out + n``, outputs ``n-1 .. n-2+out``."""
 
     impl = "fft"
 
     def __init__(self, form: CirculantForm, bias: torch.Tensor | None) -> None:
         super().__init__()
         self.n, self.out = form.in_features, form.out_features
-        self.register_buffer("weight_f", torch.fft.rfft(form.weight.to(_F32), n=self.n),
+        self.toeplitz = form.structure == "toeplitz"
+        self.size = toeplitz_fft_size(self.out, self.n) if self.toeplitz else self.n
+        self.register_buffer("weight_f", torch.fft.rfft(form.weight.to(_F32), n=self.size),
                              persistent=False)
         self.register_buffer("signs", input_signs(self.n, form.seed).to(_F32),
                              persistent=False)
@@ -324,9 +346,13 @@ class CirculantFFT(RuntimeLayer):
         x = self.linear_input(x, self.n)
         if x.numel() == 0:
             return torch.empty(*x.shape[:-1], self.out)
-        fx = torch.fft.rfft(x * self.signs, n=self.n)
-        y = torch.fft.irfft(fx.unsqueeze(-2) * self.weight_f, n=self.n)
-        y = y.flatten(-2)[..., : self.out]
+        fx = torch.fft.rfft(x * self.signs, n=self.size)
+        if self.toeplitz:
+            y = torch.fft.irfft(fx * self.weight_f, n=self.size)[..., self.n - 1:
+                                                                 self.n - 1 + self.out]
+        else:
+            y = torch.fft.irfft(fx.unsqueeze(-2) * self.weight_f, n=self.n)
+            y = y.flatten(-2)[..., : self.out]
         return y if self.bias is None else y + self.bias
 
 
@@ -338,7 +364,10 @@ class CirculantDense(RuntimeLayer):
     def __init__(self, form: CirculantForm, bias: torch.Tensor | None) -> None:
         super().__init__()
         self.n = form.in_features
-        c = circulant_matrix(form.weight.to(_F32)).reshape(-1, self.n)[: form.out_features]
+        if form.structure == "toeplitz":
+            c = toeplitz_matrix(form.weight.to(_F32), form.out_features, self.n)
+        else:
+            c = circulant_matrix(form.weight.to(_F32)).reshape(-1, self.n)[: form.out_features]
         w = (c * input_signs(self.n, form.seed).to(_F32)).contiguous()
         self.register_buffer("weight", w, persistent=False)
         self.register_buffer("bias", bias, persistent=False)
@@ -367,6 +396,7 @@ def _no_kernel(form: Any, module: nn.Module) -> bool:
 register_layer_form(HashedLinear, read_hashed)
 register_layer_form(HashedConv2d, read_hashed)
 register_layer_form(CirculantLinear, read_circulant)
+register_layer_form(ToeplitzLinear, read_toeplitz)
 
 for _name, _cls, _accepts, _compact in (
     ("kernel", HashedKernelLinear, _kernel_ok, True),
@@ -381,7 +411,8 @@ for _name, _cls, _compact in (("densify", HashedDensifyConv2d, True),
     register_impl(HashedConv2d, Impl(_name, lambda f, b, m, c=_cls: c(f, b, _geometry(m)),
                                      _is_hashed, _compact))
 
-for _name, _cls, _compact in (("fft", CirculantFFT, True), ("dense", CirculantDense, False)):
-    register_impl(CirculantLinear, Impl(
-        _name, lambda f, b, m, c=_cls: c(f, b), lambda f, m: isinstance(f, CirculantForm),
-        _compact))
+for _kind in (CirculantLinear, ToeplitzLinear):
+    for _name, _cls, _compact in (("fft", CirculantFFT, True), ("dense", CirculantDense, False)):
+        register_impl(_kind, Impl(
+            _name, lambda f, b, m, c=_cls: c(f, b), lambda f, m: isinstance(f, CirculantForm),
+            _compact))
