@@ -118,6 +118,13 @@ class Method(ABC):
     def apply(self, model: nn.Module, layers: dict[str, nn.Module]) -> None:
         """Put ``layers`` of ``model`` into this method's training form (in place)."""
 
+    def use_data(self, data: Any, loss_fn: Callable[..., Any] | None = None) -> None:  # noqa: B027
+        """Training data for a method that measures something when applied (calibration,
+        neuron importance): ``data`` is what the trainer takes (a Dataset, a DataLoader,
+        ``(X, y)``; batches of ``(inputs, target)``), ``loss_fn(outputs, target)`` the loss
+        (None: cross-entropy). The session hands the stage's data over before :meth:`apply`;
+        a method's own explicit data settings take precedence. Ignored by default."""
+
     def step_hooks(self) -> list[StepHook]:
         """Hooks for the fine-tuning loop (e.g. a sparsity schedule); none by default."""
         return []

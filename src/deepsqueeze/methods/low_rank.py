@@ -464,6 +464,29 @@ class SparseSVD(Method):
         self._batch = batch_size
         return self
 
+    def use_data(self, data: Any, loss_fn: LossFn | None = None) -> None:
+        """The stage's training data (its first ``calibration.samples`` or 1,000 samples) for
+        importance ``activation``/``loss``, unless ``set_data`` or ``calibration`` says
+        otherwise."""
+        if self._data is not None or self.params.calibration is not None:
+            return
+        from deepsqueeze.data.loaders import as_tuple, iter_batches
+
+        inputs: list[tuple[torch.Tensor, ...]] = []
+        targets: list[torch.Tensor] = []
+        count = 0
+        for batch_inputs, target in iter_batches(data, 500):
+            inputs.append(as_tuple(batch_inputs))
+            targets.append(target)
+            count += int(target.shape[0])
+            if count >= 1000:
+                break
+        if not targets:
+            return
+        joined = tuple(torch.cat(parts)[:1000] for parts in zip(*inputs, strict=True))
+        self.set_data(joined[0] if len(joined) == 1 else joined, torch.cat(targets)[:1000],
+                      loss_fn)
+
     def set_scores(self, scores: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> SparseSVD:
         """Importance scores measured beforehand (``{layer: (out_scores, in_scores)}``, e.g. by
         :func:`activation_importance` once for several runs); used instead of measuring."""

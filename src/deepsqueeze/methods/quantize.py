@@ -444,6 +444,11 @@ class Quantize(Method):
         self.report: dict[str, Any] = {}
         self._original: dict[str, torch.Tensor] = {}
         self._calibrated = False
+        self._data: Any = None
+
+    def use_data(self, data: Any, loss_fn: Any = None) -> None:
+        """Calibrate on the stage's training data when ``calibration.dataset`` is not set."""
+        self._data = data
 
     def apply(self, model: nn.Module, layers: dict[str, nn.Module]) -> None:
         _check_layers(layers)
@@ -460,6 +465,8 @@ class Quantize(Method):
         cal = self.params.calibration
         if self.params.activations and cal.dataset is not None:
             self.calibrate(model, _calibration_data(cal, model))
+        elif self.params.activations and self._data is not None:
+            self.calibrate(model, self._data)
         elif self.params.activations:
             for name in layers:  # observe the first batches the model sees (fine-tuning)
                 mod = model.get_submodule(name)

@@ -122,6 +122,19 @@ class StageCallback(Protocol):
     def on_stage_end(self, index: int, record: StageRecord, model: nn.Module) -> None: ...
 
 
+METHOD_SAMPLES = 4096
+"""Most samples of a built-in training split handed to the methods (a seeded subset)."""
+
+
+def _method_data(train: Any) -> Any:
+    """The training data as methods take it: a built-in split as normalized ``(X, y)`` tensors
+    of at most :data:`METHOD_SAMPLES` samples; the user's own data as it is."""
+    if isinstance(train, ImageDataset):
+        part = train.subset(min(METHOD_SAMPLES, len(train)), seed=0)
+        return part.normalized(), part.labels.long()
+    return train
+
+
 @dataclass
 class _Data:
     """Where fine-tuning and evaluation data come from."""
@@ -298,6 +311,8 @@ def compress(
         check_forward(model, example_inputs, "example_inputs (by default, the first batch of "
                       "the data)")
     score = _scorer(data.eval, loss_fn, metric)
+    if data.train is not None:  # what methods measure on when applied (calibration, importance)
+        session.use_data(_method_data(data.train), loss_fn)
     dense_parameters = parameter_count(model)
     skeleton = copy.deepcopy(model) if (out is not None and user_model) else None
     acc, value, name = score(model)

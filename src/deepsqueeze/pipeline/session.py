@@ -19,7 +19,7 @@ optimizer step), so a user's loop that makes the same updates gives the same wei
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +118,13 @@ class CompressionSession:
         self._hooks: list[StepHook] = []
         self._open = False  # the current stage is applied and not yet finalized
         self._finalized = False
+        self.data: Any = None
+        self.loss_fn: Callable[..., Any] | None = None
+
+    def use_data(self, data: Any, loss_fn: Callable[..., Any] | None = None) -> None:
+        """Training data handed to each stage's method before it is applied (calibration of
+        ``quantize``, neuron importance of ``sparse-svd``; see :meth:`Method.use_data`)."""
+        self.data, self.loss_fn = data, loss_fn
 
     # --- the current stage --------------------------------------------------------------------
 
@@ -154,6 +161,8 @@ class CompressionSession:
         method = self.methods[self.index]
         layers = select_layers(self.model, method.params.layers, method.supported)
         check_finite(self.model, layers)
+        if self.data is not None:
+            method.use_data(self.data, self.loss_fn)
         method.apply(self.model, layers)
         self.layers = layers
         self._hooks = method.step_hooks()
