@@ -709,7 +709,7 @@ def kernel_cache(tmp_path, monkeypatch):
     compiles: list[int] = []
 
     def fake_compile(source, flag_sets):
-        assert source == K.kernel_source()
+        assert source == K.kernel_sources()  # every csrc/*.c, the core first
         compiles.append(1)
         return good
 
@@ -849,6 +849,9 @@ def test_library_without_the_entry_points_is_refused(kernel_cache, tmp_path):
 def test_kernel_source_is_package_data():
     source = K.kernel_source()
     assert b"int dsq_chain(" in source and b"#define DSQ_ABI 2" in source
+    sources = K.kernel_sources()  # the families' C files, compiled into the same library
+    assert next(iter(sources)) == "dsqkernel.c" and sources["dsqkernel.c"] == source
+    assert {n for n in sources} >= {"binary.c", "conv.c", "hashed.c"}
     assert "csrc/*.c" in (REPO / "pyproject.toml").read_text()
     assert K.library_name() != K.library_name(sanitize=True)
     assert K.library_name(sanitize=True).startswith("dsqkernel-asan-")
