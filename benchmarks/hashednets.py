@@ -1,4 +1,5 @@
-"""HashedNets (Chen et al., ICML 2015) on MNIST: the 3-layer net (784-1000-10) at 1/8 and 1/64.
+"""HashedNets (Chen et al., ICML 2015) on MNIST: 3-layer (784-1000-10) and 5-layer
+(784-1000-1000-1000-10) nets at 1/8 and 1/64.
 
 Rows, all trained here from scratch with the same optimizer, epochs and data, at the same
 number of real weights (``factor`` × the 794,000 weights of 784-1000-10; biases not counted,
@@ -17,6 +18,7 @@ The HashNet rows are also saved as .dsq and reloaded (file bytes and the file's 
 the 10,000 test images report. Writes benchmarks/results/hashednets.json.
 
     python benchmarks/hashednets.py --epochs 10
+    python benchmarks/hashednets.py --layers 5 --epochs 1 --train-images 20000   # 5-layer
     python benchmarks/hashednets.py --recipe [--baseline model.pt]   # recipes/hashed-lenet300
     python benchmarks/hashednets.py --runtime    # executors of a hashed 1000x784 layer
 
@@ -28,6 +30,7 @@ checked against the dense decoding) and writes benchmarks/results/hashednets_rec
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -93,8 +96,20 @@ def low_rank(a: int, b: int, factor: float) -> nn.Module:
     return nn.Sequential(nn.Linear(a, r, bias=False), nn.Linear(r, b))
 
 
-def mlp(first: nn.Module, second: nn.Module) -> nn.Module:
-    return nn.Sequential(nn.Flatten(), first, nn.ReLU(), second)
+def deep(layers: list[nn.Module]) -> nn.Module:
+    """Flatten, then ``layers`` with a ReLU between consecutive ones."""
+    mods: list[nn.Module] = [nn.Flatten()]
+    for k, layer in enumerate(layers):
+        mods += [layer] + ([nn.ReLU()] if k < len(layers) - 1 else [])
+    return nn.Sequential(*mods)
+
+
+def equal_width(sizes: list[int], budget: float) -> int:
+    """Hidden width ``h`` of an ``IN-h-...-h-OUT`` net (as many hidden layers as ``sizes``)
+    whose weight count is closest to ``budget``."""
+    depth = len(sizes) - 2
+    best = min(range(1, 4097), key=lambda h: abs(IN * h + (depth - 1) * h * h + h * OUT - budget))
+    return best
 
 
 def real_weights(model: nn.Module) -> int:
@@ -275,6 +290,11 @@ def main() -> None:
     ap.add_argument("--factors", type=float, nargs="+", default=[1 / 8, 1 / 64])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--layers", type=int, choices=(3, 5), default=3,
+                    help="3: 784-1000-10; 5: 784-1000-1000-1000-10 (added to --out as "
+                         "'layers_5', the 3-layer rows kept)")
+    ap.add_argument("--train-images", type=int, default=0,
+                    help="train on the first N of the 55,000 training images (0: all)")
     args = ap.parse_args()
     if args.runtime:
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -286,29 +306,38 @@ def main() -> None:
         return
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     data = mnist()
+    if args.train_images:
+        data = (data[0][: args.train_images], data[1][: args.train_images], *data[2:])
     e, s = args.epochs, args.seed
+    hidden = [HID] * (args.layers - 2)
+    sizes = [IN, *hidden, OUT]
+    virtual = sum(a * b for a, b in itertools.pairwise(sizes))
+    arch = "-".join(map(str, sizes))
     rows = []
     t_start = time.perf_counter()
     torch.manual_seed(s)
-    teacher = mlp(nn.Linear(IN, HID), nn.Linear(HID, OUT))
-    rows.append(row("NN full size (784-1000-10, DK teacher)", 1.0, teacher, data,
+    teacher = deep([nn.Linear(a, b) for a, b in itertools.pairwise(sizes)])
+    rows.append(row(f"NN full size ({arch}, DK teacher)", 1.0, teacher, data,
                     train(teacher, data, e, s)))
     teacher.eval().requires_grad_(False)
     for factor in args.factors:
-        h = max(1, round(factor * VIRTUAL / (IN + OUT)))
+        h = equal_width(sizes, factor * virtual)
+        small = [IN, *[h] * len(hidden), OUT]
+        pairs = list(itertools.pairwise(sizes))
         torch.manual_seed(s)
-        nn_small = mlp(nn.Linear(IN, h), nn.Linear(h, OUT))
-        rows.append(row(f"NN (784-{h}-10)", factor, nn_small, data, train(nn_small, data, e, s)))
+        nn_small = deep([nn.Linear(a, b) for a, b in itertools.pairwise(small)])
+        rows.append(row(f"NN ({'-'.join(map(str, small))})", factor, nn_small, data,
+                        train(nn_small, data, e, s)))
         torch.manual_seed(s)
-        rer = mlp(MaskedLinear(IN, HID, factor, s), MaskedLinear(HID, OUT, factor, s + 1))
+        rer = deep([MaskedLinear(a, b, factor, s + k) for k, (a, b) in enumerate(pairs)])
         rows.append(row("RER", factor, rer, data, train(rer, data, e, s)))
         torch.manual_seed(s)
-        lrd = mlp(low_rank(IN, HID, factor), low_rank(HID, OUT, factor))
+        lrd = deep([low_rank(a, b, factor) for a, b in pairs])
         rows.append(row("LRD", factor, lrd, data, train(lrd, data, e, s)))
         plain: torch.Tensor | None = None
         for name, teach in (("HashNet", None), ("HashNet_DK", teacher)):
             torch.manual_seed(s)
-            hashed = models.create("hashed-mlp", hidden=[HID], factor=factor, seed=s + 1)
+            hashed = models.create("hashed-mlp", hidden=hidden, factor=factor, seed=s + 1)
             secs = train(hashed, data, e, s, teacher=teach)
             info = file_round_trip(hashed, data)
             with torch.no_grad():
@@ -318,18 +347,19 @@ def main() -> None:
             else:  # distillation changes the trained net, not only its error count
                 info["test_predictions_differing_from_HashNet"] = int((pred != plain).sum())
             rows.append(row(name, factor, hashed, data, secs, info))
-    result = {
-        "setting": {"network": "784-1000-10 (3 layers)", "epochs": e, "batch_size": 128,
-                    "optimizer": "SGD nesterov 0.9, lr 0.05 cosine, no weight decay, "
-                                 "grad-norm clip 5",
-                    "train_images": len(data[1]), "val_images": len(data[3]),
-                    "test_images": len(data[5]), "seed": s,
-                    "threads": torch.get_num_threads(), "machine": platform.machine(),
-                    "torch": torch.__version__,
-                    "seconds": round(time.perf_counter() - t_start, 1)},
-        "paper": PAPER,
-        "rows": rows,
-    }
+    setting = {"network": f"{arch} ({args.layers} layers)", "epochs": e, "batch_size": 128,
+               "optimizer": "SGD nesterov 0.9, lr 0.05 cosine, no weight decay, "
+                            "grad-norm clip 5",
+               "train_images": len(data[1]), "val_images": len(data[3]),
+               "test_images": len(data[5]), "seed": s,
+               "threads": torch.get_num_threads(), "machine": platform.machine(),
+               "torch": torch.__version__,
+               "seconds": round(time.perf_counter() - t_start, 1)}
+    if args.layers == 3:
+        result = {"setting": setting, "paper": PAPER, "rows": rows}
+    else:  # kept beside the 3-layer run (top-level "setting"/"rows") in the same file
+        result = json.loads(args.out.read_text()) if args.out.exists() else {}
+        result[f"layers_{args.layers}"] = {"setting": setting, "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(args.out, "w") as fh:
         json.dump(result, fh, indent=2)
