@@ -183,6 +183,18 @@ def test_kinds_in_a_user_model_load_from_the_graph_and_into_the_skeleton(tmp_pat
     torch.testing.assert_close(load_runtime(path, autotune=False)(x), net(x))
 
 
+def test_kinds_of_a_user_model_without_recorded_inputs_still_get_executors(
+        tmp_path: Path) -> None:
+    net = nn.Sequential(nn.Linear(16, 8), ScaledSignLinear(8, 4)).eval()
+    path = tmp_path / "seq.dsq"
+    dsq.save(net, path)  # no example inputs: shapes come from the layers' in_features
+    rt = load_runtime(path, model=nn.Sequential(nn.Linear(16, 8), nn.Linear(8, 4)),
+                      autotune=False)
+    assert {c.layer: c.impl for c in rt.deepsqueeze_runtime.layers}["1"] == "test-sign"
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(rt(x), net(x), rtol=1e-4, atol=1e-5)
+
+
 def _forge(path: Path, change: Any) -> bytes:
     f = parse_dsq(path.read_bytes())
     meta = copy.deepcopy(f.meta)

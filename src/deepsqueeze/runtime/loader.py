@@ -104,7 +104,8 @@ def _input_shapes(
 ) -> dict[str, list[int]]:
     """Input shape of each named layer at ``batch_size`` (a shape-only pass on meta of
     ``inputs``). Without inputs (a user model that records none), or when the user's own
-    (``trusted``) skeleton cannot run on meta, only Linear layers get one."""
+    (``trusted``) skeleton cannot run on meta, only Linear layers (and layer kinds with
+    ``in_features``) get one."""
     seen: dict[str, list[int]] = {}
 
     def record(name: str) -> Any:
@@ -126,11 +127,11 @@ def _input_shapes(
         finally:
             for h in hooks:
                 h.remove()
-    if inputs is None:
+    if inputs is None:  # a Linear, or a layer kind standing for one, takes [batch, in_features]
         for n in names:
-            mod = model.get_submodule(n)
-            if isinstance(mod, nn.Linear):
-                seen[n] = [batch_size, mod.in_features]
+            features = getattr(model.get_submodule(n), "in_features", None)
+            if type(features) is int and features > 0:
+                seen[n] = [batch_size, features]
     return seen
 
 
