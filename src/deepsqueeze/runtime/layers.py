@@ -459,12 +459,18 @@ class _ConvBase(RuntimeLayer, ABC):
             raise RuntimeInputError(
                 f"{self.who()}: input plane {h}x{w} (padded by {g.padding[0]}x{g.padding[1]}) "
                 f"is smaller than the {k[0]}x{k[1]} kernel")
+        out_h, out_w = self.output_plane(h, w, oh, ow)
         batched = x if len(shape) == 4 else x.unsqueeze(0)
         if batched.shape[0] == 0:
-            y = torch.empty(0, g.out_channels, oh, ow)
+            y = torch.empty(0, g.out_channels, out_h, out_w)
         else:
             y = self.run(batched, oh, ow)
         return y if len(shape) == 4 else y.squeeze(0)
+
+    def output_plane(self, h: int, w: int, oh: int, ow: int) -> tuple[int, int]:
+        """The plane this executor returns for a conv output of ``oh`` x ``ow`` (from an
+        ``h`` x ``w`` input); an executor with a fused pool shrinks it (and checks it fits)."""
+        return oh, ow
 
     @abstractmethod
     def run(self, x: torch.Tensor, oh: int, ow: int) -> torch.Tensor:

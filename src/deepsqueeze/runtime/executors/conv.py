@@ -52,11 +52,10 @@ from deepsqueeze.runtime.layers import (
     Impl,
     _CompactMixin,
     _ConvBase,
-    as_input,
     register_impl,
 )
 
-_TENSOR, _F32, _STRIDED = torch.Tensor, torch.float32, torch.strided
+_F32 = torch.float32
 _GEOMETRY_CACHE = 64
 MAX_CODEBOOK_CENTROIDS = 256
 """Most centroids the codebook executor groups by (its per-row counting sort)."""
@@ -141,34 +140,13 @@ class FusableConv(_ConvBase):
     def _changed(self) -> None:
         """Called after a fusion changed what the executor computes."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Check ``x`` (``[N, C, H, W]`` or ``[C, H, W]``), then run it (see _ConvBase)."""
-        g = self.geometry
-        if (type(x) is not _TENSOR or x.dtype is not _F32 or x.layout is not _STRIDED
-                or not x.is_cpu or not x.is_contiguous()):
-            x = as_input(x, self.who())
-        shape = x.shape
-        if len(shape) not in (3, 4) or shape[-3] != g.in_channels:
-            raise RuntimeInputError(
-                f"{self.who()}: expected an input of shape [N, {g.in_channels}, H, W] (or "
-                f"[{g.in_channels}, H, W]), got {list(shape)}")
-        h, w = shape[-2], shape[-1]
-        oh, ow = g.out_size(h, w)
-        if h < 1 or w < 1 or oh < 1 or ow < 1:
-            k = [g.dilation[i] * (g.kernel_size[i] - 1) + 1 for i in (0, 1)]
-            raise RuntimeInputError(
-                f"{self.who()}: input plane {h}x{w} (padded by {g.padding[0]}x{g.padding[1]}) "
-                f"is smaller than the {k[0]}x{k[1]} kernel")
+    def output_plane(self, h: int, w: int, oh: int, ow: int) -> tuple[int, int]:
+        """The conv output's plane, shrunk by the fused max-pool (which must fit in it)."""
         if oh < self.pool or ow < self.pool:
             raise RuntimeInputError(
                 f"{self.who()}: the {oh}x{ow} output is smaller than its fused {self.pool}x"
                 f"{self.pool} max-pool (input plane {h}x{w})")
-        batched = x if len(shape) == 4 else x.unsqueeze(0)
-        if batched.shape[0] == 0:
-            y = torch.empty(0, g.out_channels, oh // self.pool, ow // self.pool)
-        else:
-            y = self.run(batched, oh, ow)
-        return y if len(shape) == 4 else y.squeeze(0)
+        return oh // self.pool, ow // self.pool
 
     def _post(self, y: torch.Tensor) -> torch.Tensor:
         """ReLU and max-pool of a torch executor's output (in the same call)."""
