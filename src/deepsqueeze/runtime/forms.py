@@ -376,6 +376,18 @@ def register_layer_form(layer_type: type[nn.Module], reader: LayerReader) -> Non
     LAYER_READERS[layer_type] = reader
 
 
+def stored_floats(stored: StoredModel, key: str, numel: int, what: str) -> torch.Tensor:
+    """Stored tensor ``key`` as a flat contiguous float32 tensor of exactly ``numel`` values
+    (a layer reader's check; :class:`DsqFormatError` naming ``what`` when missing or wrong)."""
+    if key not in stored.entries:
+        raise DsqFormatError(f"{stored.source}: {what}: tensor {key!r} is missing")
+    t = stored.decode(key)
+    if not t.is_floating_point() or t.numel() != numel:
+        raise DsqFormatError(f"{stored.source}: {what}: tensor {key!r} holds {t.numel()} "
+                             f"{t.dtype} values, expected {numel} floats")
+    return t.to(torch.float32).reshape(-1).contiguous()
+
+
 def read_matrix_layer(name: str, module: nn.Module, stored: StoredModel) -> LayerForm | None:
     """A Linear / Conv2d whose weight is stored compressed (sparse, codebook...) as a
     :class:`CompressedMatrix`; None for a dense weight."""

@@ -36,7 +36,7 @@ from torch import nn
 
 from deepsqueeze.errors import DsqFormatError, RuntimeInputError
 from deepsqueeze.models.binary import BinaryConv2d, BinaryLinear, sign
-from deepsqueeze.runtime.forms import LayerForm, register_layer_form
+from deepsqueeze.runtime.forms import LayerForm, register_layer_form, stored_floats
 from deepsqueeze.runtime.kernel import check_rc, get_kernel
 from deepsqueeze.runtime.layers import ConvGeometry, Impl, RuntimeLayer, _ConvBase, register_impl
 
@@ -103,16 +103,6 @@ class BinaryForm:
         return unpack_signs(self.bits, self.rows, self.cols)
 
 
-def _stored(stored: StoredModel, key: str, numel: int, what: str) -> torch.Tensor:
-    if key not in stored.entries:
-        raise DsqFormatError(f"{stored.source}: {what}: tensor {key!r} is missing")
-    t = stored.decode(key)
-    if not t.is_floating_point() or t.numel() != numel:
-        raise DsqFormatError(f"{stored.source}: {what}: tensor {key!r} holds {t.numel()} "
-                             f"{t.dtype} values, expected {numel} floats")
-    return t.to(_F32).reshape(-1).contiguous()
-
-
 def read_binary(name: str, module: nn.Module, stored: StoredModel) -> LayerForm:
     """The :class:`BinaryForm` of a BinaryLinear / BinaryConv2d: its weight checked to hold only
     +-1 and packed, its scale and bias checked against the layer's (already checked) options."""
@@ -120,7 +110,7 @@ def read_binary(name: str, module: nn.Module, stored: StoredModel) -> LayerForm:
     what = f"binary layer {name!r}"
     shape = list(module.weight.shape)
     rows, cols = shape[0], math.prod(shape[1:])
-    w = _stored(stored, f"{name}.weight", rows * cols, what)
+    w = stored_floats(stored, f"{name}.weight", rows * cols, what)
     bad = int(((w != 1) & (w != -1)).sum())
     if bad:
         raise DsqFormatError(f"{stored.source}: {what}: the weight holds {bad} values other "
@@ -128,13 +118,13 @@ def read_binary(name: str, module: nn.Module, stored: StoredModel) -> LayerForm:
     scale = None
     tensors = [f"{name}.weight"]
     if module.scaled:
-        scale = _stored(stored, f"{name}.weight_scale", rows, what)
+        scale = stored_floats(stored, f"{name}.weight_scale", rows, what)
         tensors.append(f"{name}.weight_scale")
     elif f"{name}.weight_scale" in stored.entries:
         raise DsqFormatError(f"{stored.source}: {what} is not scaled but the file stores scales")
     bias = None
     if getattr(module, "bias", None) is not None:
-        bias = _stored(stored, f"{name}.bias", rows, what)
+        bias = stored_floats(stored, f"{name}.bias", rows, what)
         tensors.append(f"{name}.bias")
     elif f"{name}.bias" in stored.entries:
         raise DsqFormatError(f"{stored.source}: {what} has no bias but the file stores one")

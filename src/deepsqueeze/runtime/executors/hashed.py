@@ -46,7 +46,7 @@ from deepsqueeze.models.hashed import (
     toeplitz_fft_size,
     toeplitz_matrix,
 )
-from deepsqueeze.runtime.forms import LayerForm, register_layer_form
+from deepsqueeze.runtime.forms import LayerForm, register_layer_form, stored_floats
 from deepsqueeze.runtime.kernel import check_rc, get_kernel
 from deepsqueeze.runtime.layers import (
     ConvGeometry,
@@ -89,30 +89,20 @@ class CirculantForm:
     structure: str = "circulant"
 
 
-def _stored(stored: StoredModel, key: str, numel: int, what: str) -> torch.Tensor:
-    if key not in stored.entries:
-        raise DsqFormatError(f"{stored.source}: {what}: tensor {key!r} is missing")
-    t = stored.decode(key)
-    if not t.is_floating_point() or t.numel() != numel:
-        raise DsqFormatError(f"{stored.source}: {what}: tensor {key!r} holds {t.numel()} "
-                             f"{t.dtype} values, expected {numel} floats")
-    return t.to(_F32).reshape(-1).contiguous()
-
-
 def _bias(stored: StoredModel, name: str, module: nn.Module, rows: int) -> torch.Tensor | None:
     if getattr(module, "bias", None) is None:
         if f"{name}.bias" in stored.entries:
             raise DsqFormatError(f"{stored.source}: layer {name!r} has no bias but the file "
                                  "stores one")
         return None
-    return _stored(stored, f"{name}.bias", rows, f"layer {name!r}")
+    return stored_floats(stored, f"{name}.bias", rows, f"layer {name!r}")
 
 
 def read_hashed(name: str, module: nn.Module, stored: StoredModel) -> LayerForm:
     """The :class:`HashedForm` of a HashedLinear / HashedConv2d (``{name}.weight_buckets``)."""
     assert isinstance(module, (HashedLinear, HashedConv2d))
     key = f"{name}.weight_buckets"
-    buckets = _stored(stored, key, module.buckets, f"hashed layer {name!r}")
+    buckets = stored_floats(stored, key, module.buckets, f"hashed layer {name!r}")
     bias = _bias(stored, name, module, module.rows)
     shape = (list(module.weight_shape) if isinstance(module, HashedConv2d)
              else [module.rows, module.cols])
@@ -126,7 +116,7 @@ def read_circulant(name: str, module: nn.Module, stored: StoredModel) -> LayerFo
     """The :class:`CirculantForm` of a CirculantLinear (``{name}.weight``, ``[blocks, n]``)."""
     assert isinstance(module, CirculantLinear)
     n, blocks = module.in_features, module.blocks
-    weight = _stored(stored, f"{name}.weight", blocks * n, f"circulant layer {name!r}")
+    weight = stored_floats(stored, f"{name}.weight", blocks * n, f"circulant layer {name!r}")
     bias = _bias(stored, name, module, module.out_features)
     form = CirculantForm(n, module.out_features, weight.view(blocks, n), module.seed)
     tensors = [f"{name}.weight", *([f"{name}.bias"] if bias is not None else [])]
@@ -139,7 +129,7 @@ def read_toeplitz(name: str, module: nn.Module, stored: StoredModel) -> LayerFor
     ``[out + in - 1]``)."""
     assert isinstance(module, ToeplitzLinear)
     n, d = module.in_features, module.out_features
-    weight = _stored(stored, f"{name}.weight", d + n - 1, f"Toeplitz layer {name!r}")
+    weight = stored_floats(stored, f"{name}.weight", d + n - 1, f"Toeplitz layer {name!r}")
     bias = _bias(stored, name, module, d)
     form = CirculantForm(n, d, weight, module.seed, "toeplitz")
     tensors = [f"{name}.weight", *([f"{name}.bias"] if bias is not None else [])]
