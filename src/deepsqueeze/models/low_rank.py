@@ -19,6 +19,7 @@ The constructor arguments are the kind's options (read back from attributes of t
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Any
 
 import torch
@@ -49,13 +50,13 @@ def _positive(**values: int) -> None:
             raise ModelError(f"{name} must be a positive int, got {v!r}")
 
 
-class _Factored(nn.Module):
+class _Factored(nn.Module, ABC):
     """Checks, when a state dict is loaded, that the factors have the shapes the options say
     (a file whose options disagree with its tensors is refused, not silently resized)."""
 
+    @abstractmethod
     def factor_shapes(self) -> dict[str, tuple[int, ...]]:
         """Expected shape of each factor tensor, by state-dict key below this module."""
-        raise NotImplementedError
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         error_msgs = args[-1]

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+from abc import abstractmethod
 from typing import Any
 
 import torch
@@ -134,8 +135,9 @@ class FusableConv(_ConvBase):
         self._fold(scale, (bias * scale + shift).contiguous())
         self._changed()
 
+    @abstractmethod
     def _fold(self, scale: torch.Tensor, bias: torch.Tensor) -> None:
-        raise NotImplementedError
+        """Make the executor compute ``scale[o] * conv(x)[o] + bias[o]``."""
 
     def _changed(self) -> None:
         """Called after a fusion changed what the executor computes."""

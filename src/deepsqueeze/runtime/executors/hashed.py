@@ -27,6 +27,7 @@ any C call (:class:`~deepsqueeze.errors.RuntimeInputError`).
 from __future__ import annotations
 
 import ctypes
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -172,7 +173,7 @@ def hashed_densify(form: HashedForm, who: str = "hashed layer") -> torch.Tensor:
 # ------------------------------------------------------------------------------ hashed Linear
 
 
-class _HashedBase(RuntimeLayer):
+class _HashedBase(RuntimeLayer, ABC):
     """Holds the buckets (and bias) as buffers; checks them before a C call."""
 
     def __init__(self, form: HashedForm, bias: torch.Tensor | None) -> None:
@@ -201,8 +202,9 @@ class _HashedBase(RuntimeLayer):
         self._held_ok()
         return self.run(x2).reshape(*lead, self.rows)
 
+    @abstractmethod
     def run(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """The layer on a checked, non-empty ``[rows, cols]`` float32 ``x``."""
 
 
 class HashedKernelLinear(_HashedBase):
