@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from deepsqueeze.analysis.pareto import GridPoint, mark_front, pareto
-from deepsqueeze.analysis.planner import Finetune, TargetUnreachable, plan, solve
+from deepsqueeze.analysis.planner import Finetune, TargetUnreachable, harm, plan, solve
 from deepsqueeze.analysis.sensitivity import Point, sensitivity
 from deepsqueeze.analysis.split import load_splits, validation_split
 from deepsqueeze.analysis.sweeps import Option, available_sweeps
@@ -103,6 +103,20 @@ def test_knapsack_respects_the_budget_and_minimizes_the_drop():
     assert nbytes <= 90 and (chosen["a"].bytes, chosen["b"].bytes) == (40, 50)
     assert drop == pytest.approx(0.7)
     assert solve(cands, 29) is None  # 10 + 20 is the least
+
+
+def test_knapsack_minimizes_the_loss_increase_where_accuracy_cannot_tell():
+    """Two options that both read 0.0 points of drop: the one that raised the loss less wins."""
+    def pt(layer: str, nbytes: int, loss: float) -> Point:
+        return Point(layer, [{"method": "share", "setting": 2}], "x", 0.9, 0.0, nbytes, 100,
+                     0.0, loss_increase=loss)
+
+    cands = {"a": [pt("a", 100, 0.0), pt("a", 30, 0.20), pt("a", 50, 0.01)],
+             "b": [pt("b", 100, 0.0), pt("b", 30, 0.01), pt("b", 50, 0.30)]}
+    chosen, nbytes, drop = solve(cands, 80)
+    assert (chosen["a"].bytes, chosen["b"].bytes) == (50, 30) and nbytes == 80
+    assert drop == 0.0
+    assert harm(pt("a", 1, -0.5)) == 0.0  # noise below the baseline is no gain
 
 
 def test_plan_meets_a_byte_budget(tiny, splits, tmp_path):

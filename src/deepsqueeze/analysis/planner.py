@@ -129,23 +129,36 @@ class PlanResult:
 # --------------------------------------------------------------------------------------------
 
 
+def harm(p: Point) -> float:
+    """What the knapsack minimizes for one point: its validation loss increase (nats) where
+    measured, else its accuracy drop as a fraction; negative values (noise) count as zero.
+
+    Summed across layers, the loss increase predicts the joint harm far better than the summed
+    accuracy drop, which reads 0.0 for every option that changes fewer predictions than one
+    sample's worth on the sensitivity split and so lets the cheapest option of every layer
+    look free."""
+    value = p.loss_increase if p.loss_increase is not None else (p.drop_points or 0.0) / 100
+    return max(value, 0.0)
+
+
 def solve(
     candidates: dict[str, list[Point]], budget: int
 ) -> tuple[dict[str, Point], int, float] | None:
-    """Per layer the point of least summed drop whose summed bytes fit ``budget``; None when
-    even the smallest choice does not fit. Drops below zero (noise) count as zero."""
+    """Per layer the point of least summed :func:`harm` whose summed bytes fit ``budget``;
+    None when even the smallest choice does not fit. Returns ``(choice per layer, summed
+    bytes, summed accuracy drop in points)``."""
     front: list[tuple[int, float, tuple[Point, ...]]] = [(0, 0.0, ())]
     for layer, points in candidates.items():
         if not points:
             raise OptionError(f"layer {layer!r} has no measured option")
-        merged = [(b + p.bytes, d + max(p.drop_points or 0.0, 0.0), (*chosen, p))  # type: ignore[operator]
-                  for b, d, chosen in front for p in points]
+        merged = [(b + p.bytes, h + harm(p), (*chosen, p))  # type: ignore[operator]
+                  for b, h, chosen in front for p in points]
         merged = [m for m in merged if m[0] <= budget]
         if not merged:
             return None
         merged.sort(key=lambda m: (m[0], m[1]))
         pareto: list[tuple[int, float, tuple[Point, ...]]] = []
-        for m in merged:  # increasing bytes: keep only strictly smaller drops
+        for m in merged:  # increasing bytes: keep only strictly smaller harm
             if not pareto or m[1] < pareto[-1][1] - 1e-12:
                 pareto.append(m)
         if len(pareto) > MAX_FRONT:  # keep an even spread over the byte range, ends included
@@ -154,7 +167,8 @@ def solve(
         front = pareto
     best = min(front, key=lambda m: (m[1], m[0]))
     layers = list(candidates)
-    return dict(zip(layers, best[2], strict=True)), best[0], best[1]
+    drop = sum(max(p.drop_points or 0.0, 0.0) for p in best[2])
+    return dict(zip(layers, best[2], strict=True)), best[0], drop
 
 
 def smallest(candidates: dict[str, list[Point]]) -> int:
@@ -351,7 +365,8 @@ def plan(
     # 2. candidates per layer: the dense layer itself and every measured option
     candidates: dict[str, list[Point]] = {}
     for layer in layers:
-        keep = Point(layer, [], "dense", sens_base, 0.0, dense[layer], dense[layer], 0.0)
+        keep = Point(layer, [], "dense", sens_base, 0.0, dense[layer], dense[layer], 0.0,
+                     loss_increase=0.0)
         # a point that also changed other layers (channel pruning) is not additive: left out
         candidates[layer] = [keep] + [p for p in points if p.layer == layer and p.error is None
                                       and p.other_bytes == 0]
