@@ -166,6 +166,41 @@ def test_unreachable_target_is_a_clear_message(tiny, splits, tmp_path):
         plan(tiny, fit, val, tmp_path / "q", methods=["prune"])
 
 
+def test_knapsack_meets_a_latency_budget_alone_and_with_bytes():
+    def pt(layer: str, nbytes: int, us: float, loss: float) -> Point:
+        return Point(layer, [{"method": "prune", "setting": 0.9}], "x", 0.9, 0.0, nbytes, 100,
+                     0.0, latency_us=us, loss_increase=loss)
+
+    from deepsqueeze.analysis.planner import _latency
+
+    cands = {"a": [pt("a", 100, 50.0, 0.0), pt("a", 10, 45.0, 0.1), pt("a", 60, 20.0, 0.2)],
+             "b": [pt("b", 100, 50.0, 0.0), pt("b", 20, 30.0, 0.05)]}
+    chosen, us, _ = solve(cands, 80.0, cost=_latency)  # latency only: 50 + 30 us, least harm
+    assert us == 80 and chosen["a"].latency_us == 50.0 and chosen["b"].latency_us == 30.0
+    chosen, us, _ = solve(cands, 70.0, cost=_latency)  # tighter: a must take its fast option
+    assert us == 70 and chosen["a"].latency_us == 20.0 and chosen["b"].latency_us == 50.0
+    chosen, nbytes, _ = solve(cands, 90, limit=(_latency, 80.0))  # both: 10 + 20 bytes, 75 us
+    assert nbytes == 30 and sum(p.latency_us for p in chosen.values()) == 75
+    assert solve(cands, 1000, limit=(_latency, 49.0)) is None  # 20 + 30 is the fastest
+
+
+def test_plan_with_a_latency_target_times_the_runtime(tiny, splits, tmp_path):
+    fit, val, _ = splits
+    with pytest.raises(TargetUnreachable, match=r"below the fastest the swept options run"):
+        plan(tiny, fit, val, tmp_path / "fast", target_latency_ms=1e-6, methods=["prune"],
+             finetune=Finetune(epochs=0.1), model_name="tiny", sensitivity_samples=100)
+    # a byte target and a (loose) latency target: the round is timed and checked against it
+    res = plan(tiny, fit, val, tmp_path / "slow", target_latency_ms=1e3, latency_batch=8,
+               target_ratio=4, max_drop=50.0, methods=["prune"], finetune=Finetune(epochs=0.1), rounds=1,
+               model_name="tiny", sensitivity_samples=100)
+    best = res.best_round
+    assert best is not None and best.latency_ms is not None and 0 < best.latency_ms < 1e3
+    assert res.reached and res.dense_latency_ms and "ms at batch 8" in res.message
+    assert all(c.latency_us is not None and c.latency_us > 0 for c in best.choices)
+    saved = json.loads((tmp_path / "slow" / "plan.json").read_text())
+    assert saved["target_latency_ms"] == 1e3 and saved["rounds"][0]["latency_ok"]
+
+
 def test_pareto_marks_the_frontier(tiny, splits, tmp_path):
     opts = [Option((("prune", 0.9),)), Option((("share", 4),)),
             Option((("prune", 0.9), ("share", 4)))]
@@ -195,7 +230,10 @@ def test_cli_plan_out_of_reach_and_bad_options(tmp_path: Path, capsys, tiny):
     assert "Traceback" not in err
     code, _, err = run_cli(["plan", model_pt, "--out", tmp_path / "q", "--method", "prune",
                             "--no-progress"], capsys)
-    assert code == 2 and "give a target" in err
+    assert code == 2 and "give a target" in err and "--target-latency" in err
+    code, _, err = run_cli(["plan", model_pt, "--out", tmp_path / "r", "--method", "prune",
+                            "--target-latency", "-1", "--no-progress"], capsys)
+    assert code == 2 and "target latency" in err
     code, _, err = run_cli(["sensitivity", model_pt, "--method", "bogus"], capsys)
     assert code == 2 and "cannot sweep method 'bogus'" in err
     code, out, _ = run_cli(["sensitivity", model_pt, "--method", "prune", "--layers", "fc3",

@@ -136,6 +136,27 @@ def test_compress_end_to_end_and_file_accuracy(tmp_path):
     report = deepsqueeze.evaluate(tmp_path / "m.dsq", "mnist", measure_speed=False)
     assert report.file_bytes == (tmp_path / "m.dsq").stat().st_size
     assert report.top1_accuracy == pytest.approx(result.file_accuracy, abs=1e-9)
+    # the numbers and the recipe beside the file (what `deepsqueeze report` reads)
+    numbers = json.loads((tmp_path / "m.json").read_text())
+    assert numbers["path"] == "m.dsq" and numbers["file_accuracy"] == result.file_accuracy
+    assert [s["stage"] for s in numbers["stages"]] == ["prune", "share"]
+    again = load_recipe(tmp_path / "m.recipe.yaml")
+    assert again == result.recipe
+    from deepsqueeze.analysis.report import _run_section, render_markdown
+
+    text = render_markdown("t", [_run_section(numbers, tmp_path / "m.recipe.yaml")])
+    assert "Compression run" in text and "prune" in text and "m.recipe.yaml" in text
+
+
+@needs_mnist
+def test_compress_never_rewrites_the_users_recipe_beside_its_output(tmp_path):
+    net = models.create("lenet300")
+    recipe = tmp_path / "m.recipe.yaml"
+    text = "# mine\n" + json.dumps({"name": "q", "stages": [
+        {"method": "prune", "params": {"sparsity": 0.5}}]})
+    recipe.write_text(text)
+    deepsqueeze.compress(net, recipe, dataset="mnist", out=tmp_path / "m.dsq", progress=False)
+    assert recipe.read_text() == text and (tmp_path / "m.json").is_file()
 
 
 @needs_mnist

@@ -421,6 +421,7 @@ def compress(
     data: --data (fine-tuning on its training split, scores on its test or validation split)."""
     from deepsqueeze.outputs import check_output_file
     from deepsqueeze.pipeline import compress as run_compress
+    from deepsqueeze.pipeline.runner import run_record_paths
 
     _check_outputs(json_out, [model_file, recipe], out=out)
     check_output_file(out, inputs=[model_file, recipe, data])  # before any work
@@ -455,6 +456,10 @@ def compress(
         f"{result.file_report.compression:.1f}x smaller than dense fp32; accuracy of the file "
         f"{_pct(result.file_accuracy)} (baseline {_pct(result.baseline_accuracy)}){scored_on}"
     )
+    numbers, recipe_copy = run_record_paths(out)
+    beside = f"{numbers.name}" + (f", {recipe_copy.name}" if recipe_copy.is_file() else "")
+    console.print(f"numbers and recipe beside it: {beside} (`deepsqueeze report "
+                  f"{out.parent}` turns the folder into a report)")
     _write_json(json_out, result.to_dict())
 
 
@@ -700,6 +705,11 @@ def plan(
     ] = None,
     target_bytes: Annotated[int | None, typer.Option(help="Target: file bytes at most.")
                             ] = None,
+    target_latency: Annotated[float | None, typer.Option(
+        help="Target: milliseconds per call in the deepsqueeze runtime at --latency-batch "
+             "(alone or with a byte target).")] = None,
+    latency_batch: Annotated[int, typer.Option(
+        help="Batch size --target-latency is measured at.")] = 1,
     max_drop: Annotated[float, typer.Option(
         help="Most validation top-1 lost, in points.")] = 0.3,
     dataset: Annotated[str | None, typer.Option(
@@ -719,7 +729,8 @@ def plan(
     data_dir: DataDir = None,
     progress: Progress = True,
 ) -> None:
-    """Pick per-layer methods and settings for a byte target, fine-tune, check, iterate."""
+    """Pick per-layer methods and settings for a byte and/or latency target, fine-tune, check,
+    iterate."""
     from deepsqueeze.analysis.planner import Finetune, TargetUnreachable
     from deepsqueeze.analysis.planner import plan as run_plan
     from deepsqueeze.outputs import check_output_dir
@@ -731,6 +742,7 @@ def plan(
     try:
         result = run_plan(
             model, fit_set, val_set, out, target_ratio=target_ratio, target_bytes=target_bytes,
+            target_latency_ms=target_latency, latency_batch=latency_batch,
             max_drop=max_drop, test_data=test_set, methods=methods,
             finetune=Finetune(epochs=epochs), rounds=rounds,
             model_name=_model_label(model, model_file), dataset=name,
@@ -741,16 +753,25 @@ def plan(
         err_console.print(_labelled("out of reach:", "bold red", str(exc)))
         console.print(f"numbers written to {out / 'plan.json'}")
         raise typer.Exit(1) from exc
+    timed = result.target_latency_ms is not None
     table = Table(title=f"plan for {result.model}: target {result.target_bytes:,} bytes "
-                        f"({result.target_ratio:.1f}x), at most {result.max_drop_points:g} "
-                        "points")
-    for col in ("round", "file bytes", "ratio", "val drop", "test drop", "met"):
+                        f"({result.target_ratio:.1f}x)"
+                        + (f", {result.target_latency_ms:g} ms at batch {result.latency_batch}"
+                           if timed else "")
+                        + f", at most {result.max_drop_points:g} points")
+    cols = ["round", "file bytes", "ratio", "val drop", "test drop", "met"]
+    if timed:
+        cols.insert(3, "runtime ms")
+    for col in cols:
         table.add_column(col, justify="right")
     for r in result.rounds:
-        table.add_row(str(r.round), f"{r.file_bytes:,}", f"{r.compression:.1f}x",
-                      f"{r.val_drop_points:+.2f}",
-                      "n/a" if r.test_drop_points is None else f"{r.test_drop_points:+.2f}",
-                      "yes" if r.met else "no")
+        row = [str(r.round), f"{r.file_bytes:,}", f"{r.compression:.1f}x",
+               f"{r.val_drop_points:+.2f}",
+               "n/a" if r.test_drop_points is None else f"{r.test_drop_points:+.2f}",
+               "yes" if r.met else "no"]
+        if timed:
+            row.insert(3, "n/a" if r.latency_ms is None else f"{r.latency_ms:.4g}")
+        table.add_row(*row)
     show(table)
     best = result.best_round
     if best is not None:

@@ -62,6 +62,7 @@ class Choice:
     label: str
     drop_points: float
     bytes: int
+    latency_us: float | None = None
 
 
 @dataclass
@@ -85,10 +86,14 @@ class Round:
     seconds: float = 0.0
     bytes_ok: bool = False
     accuracy_ok: bool = False
+    budget_latency_us: float | None = None
+    predicted_latency_ms: float | None = None
+    latency_ms: float | None = None
+    latency_ok: bool = True
 
     @property
     def met(self) -> bool:
-        return self.bytes_ok and self.accuracy_ok
+        return self.bytes_ok and self.accuracy_ok and self.latency_ok
 
 
 @dataclass
@@ -112,6 +117,9 @@ class PlanResult:
     seconds: float = 0.0
     sensitivity_seconds: float = 0.0
     methods: list[str] = field(default_factory=list)
+    target_latency_ms: float | None = None
+    latency_batch: int | None = None
+    dense_latency_ms: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -141,34 +149,52 @@ def harm(p: Point) -> float:
     return max(value, 0.0)
 
 
+def _bytes(p: Point) -> float:
+    return float(p.bytes or 0)
+
+
+def _latency(p: Point) -> float:
+    if p.latency_us is None:
+        raise OptionError(f"{p.layer} / {p.label}: no latency measured")
+    return p.latency_us
+
+
 def solve(
-    candidates: dict[str, list[Point]], budget: int
-) -> tuple[dict[str, Point], int, float] | None:
-    """Per layer the point of least summed :func:`harm` whose summed bytes fit ``budget``;
-    None when even the smallest choice does not fit. Returns ``(choice per layer, summed
-    bytes, summed accuracy drop in points)``."""
-    front: list[tuple[int, float, tuple[Point, ...]]] = [(0, 0.0, ())]
+    candidates: dict[str, list[Point]], budget: float, *,
+    cost: Callable[[Point], float] = _bytes,
+    limit: tuple[Callable[[Point], float], float] | None = None,
+) -> tuple[dict[str, Point], float, float] | None:
+    """Per layer the point of least summed :func:`harm` whose summed ``cost`` (default: bytes)
+    fits ``budget`` (and, with ``limit = (other_cost, other_budget)``, whose summed other cost
+    fits too: a byte target and a latency target together); None when no choice fits. Returns
+    ``(choice per layer, summed cost, summed accuracy drop in points)``.
+
+    Exact for one resource (merged Pareto fronts of (cost, harm)); with a ``limit`` the fronts
+    stay on (cost, harm) and states over the other budget are dropped, so it may miss a choice
+    that trades cost for the other resource."""
+    other, other_budget = limit if limit is not None else (None, math.inf)
+    front: list[tuple[float, float, float, tuple[Point, ...]]] = [(0.0, 0.0, 0.0, ())]
     for layer, points in candidates.items():
         if not points:
             raise OptionError(f"layer {layer!r} has no measured option")
-        merged = [(b + p.bytes, h + harm(p), (*chosen, p))  # type: ignore[operator]
-                  for b, h, chosen in front for p in points]
-        merged = [m for m in merged if m[0] <= budget]
+        merged = [(c + cost(p), h + harm(p), o + (other(p) if other else 0.0), (*chosen, p))
+                  for c, h, o, chosen in front for p in points]
+        merged = [m for m in merged if m[0] <= budget and m[2] <= other_budget]
         if not merged:
             return None
         merged.sort(key=lambda m: (m[0], m[1]))
-        pareto: list[tuple[int, float, tuple[Point, ...]]] = []
-        for m in merged:  # increasing bytes: keep only strictly smaller harm
+        pareto: list[tuple[float, float, float, tuple[Point, ...]]] = []
+        for m in merged:  # increasing cost: keep only strictly smaller harm
             if not pareto or m[1] < pareto[-1][1] - 1e-12:
                 pareto.append(m)
-        if len(pareto) > MAX_FRONT:  # keep an even spread over the byte range, ends included
+        if len(pareto) > MAX_FRONT:  # keep an even spread over the cost range, ends included
             step = len(pareto) / MAX_FRONT
             pareto = [pareto[int(i * step)] for i in range(MAX_FRONT)] + [pareto[-1]]
         front = pareto
     best = min(front, key=lambda m: (m[1], m[0]))
     layers = list(candidates)
-    drop = sum(max(p.drop_points or 0.0, 0.0) for p in best[2])
-    return dict(zip(layers, best[2], strict=True)), best[0], drop
+    drop = sum(max(p.drop_points or 0.0, 0.0) for p in best[3])
+    return dict(zip(layers, best[3], strict=True)), best[0], drop
 
 
 def smallest(candidates: dict[str, list[Point]]) -> int:
@@ -260,6 +286,8 @@ def plan(
     target_bytes: int | None = None,
     max_drop: float = 0.3,
     test_data: ImageDataset | None = None,
+    target_latency_ms: float | None = None,
+    latency_batch: int = 1,
     methods: Sequence[str] | None = None,
     finetune: Finetune | None = None,
     rounds: int = 3,
@@ -292,8 +320,13 @@ def plan(
     check_int("rounds (--rounds)", rounds, 1, 20)
     check_float("fine-tuning epochs (--epochs)", finetune.epochs, 0.0, 1000.0)
     dense_bytes = parameter_count(model) * FP32_BYTES
-    if target_ratio is None and target_bytes is None:
-        raise OptionError("give a target: --target-ratio (e.g. 50) or --target-bytes")
+    if target_ratio is None and target_bytes is None and target_latency_ms is None:
+        raise OptionError("give a target: --target-ratio (e.g. 50), --target-bytes or "
+                          "--target-latency (milliseconds at --latency-batch)")
+    if target_latency_ms is not None:
+        check_float("target latency (--target-latency, milliseconds)", target_latency_ms,
+                    1e-6, 1e9)
+        check_int("latency batch (--latency-batch)", latency_batch, 1, 1 << 16)
     goal = math.inf
     if target_ratio is not None:
         check_float("target ratio (--target-ratio)", target_ratio, 1.0, 1e9)
@@ -301,7 +334,6 @@ def plan(
     if target_bytes is not None:
         check_int("target bytes (--target-bytes)", target_bytes, 1, 1 << 40)
         goal = min(goal, target_bytes)
-    target = math.floor(goal)
     out = Path(out)
     check_output_dir(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -311,6 +343,8 @@ def plan(
         from deepsqueeze.dsq import save
 
         dense_file = save(copy.deepcopy(model), Path(tmp) / "dense.dsq")
+    # a latency target alone: any file no larger than the dense one will do
+    target = math.floor(goal) if math.isfinite(goal) else dense_file.file_bytes
     if target < dense_file.header_bytes:  # before any sweep: not even the manifest fits
         result_msg = (
             f"target out of reach: {target:,} bytes ({dense_bytes / target:.1f}x) is less than "
@@ -333,13 +367,27 @@ def plan(
     sweeps = available_sweeps(methods)
     layers = sweepable_layers(model)
     options = layer_options(sweeps, chains=True)
+    lat_x = None
+    dense_lat: dict[str, float] = {}
+    lat_overhead = lat_budget = 0.0
+    whole_us = None
+    if target_latency_ms is not None:
+        from deepsqueeze.analysis.latency import example_batch, runtime_latency
+
+        lat_x = example_batch(val_data, latency_batch)
+        say(f"timing the dense model in the runtime at batch {latency_batch}")
+        dense_lat, whole_us = runtime_latency(model, layers, lat_x)
+        assert whole_us is not None
+        # what the swept layers do not account for (activations, pooling, other modules)
+        lat_overhead = max(whole_us - sum(dense_lat.values()), 0.0)
+        lat_budget = 1000 * target_latency_ms - lat_overhead
 
     # 1. sensitivity of each layer alone (validation split, real bytes)
     say(f"sensitivity: {len(layers)} layers x {len(options)} options")
     t0 = time.perf_counter()
     ref = TensorBytes(model)
     sens_base, dense, points = measure(model, sens_val, layers, options, progress=say,
-                                       bytes_cache=ref)
+                                       bytes_cache=ref, latency_input=lat_x)
     sens = SensitivityResult(
         model=name, dataset=val_data.name, val_samples=len(sens_val),
         baseline_accuracy=sens_base,
@@ -359,14 +407,16 @@ def plan(
         target_ratio=dense_bytes / target, max_drop_points=max_drop, dense_bytes=dense_bytes,
         baseline_val_accuracy=base, baseline_test_accuracy=base_test,
         val_samples=len(val_data), fit_samples=len(fit_data), sensitivity_seconds=sens.seconds,
-        methods=list(sweeps),
+        methods=list(sweeps), target_latency_ms=target_latency_ms,
+        latency_batch=latency_batch if target_latency_ms is not None else None,
+        dense_latency_ms=None if whole_us is None else whole_us / 1000,
     )
 
     # 2. candidates per layer: the dense layer itself and every measured option
     candidates: dict[str, list[Point]] = {}
     for layer in layers:
         keep = Point(layer, [], "dense", sens_base, 0.0, dense[layer], dense[layer], 0.0,
-                     loss_increase=0.0)
+                     loss_increase=0.0, latency_us=dense_lat.get(layer))
         # a point that also changed other layers (channel pruning) is not additive: left out
         candidates[layer] = [keep] + [p for p in points if p.layer == layer and p.error is None
                                       and p.other_bytes == 0]
@@ -386,13 +436,34 @@ def plan(
         _write_json(out / "plan.json", result.to_dict())
         raise TargetUnreachable(result.message)
 
+    if lat_x is not None:
+        fastest = sum(min(_latency(p) for p in pts) for pts in candidates.values())
+        if fastest + lat_overhead > 1000 * target_latency_ms:  # type: ignore[operator]
+            result.message = (
+                f"target out of reach: {target_latency_ms:g} ms at batch {latency_batch} is "
+                f"below the fastest the swept options run in the runtime, about "
+                f"{(fastest + lat_overhead) / 1000:.4g} ms (every layer on its fastest option, "
+                f"{lat_overhead / 1000:.4g} ms outside the swept layers; dense "
+                f"{(whole_us or 0) / 1000:.4g} ms); methods swept: {', '.join(sweeps)}"
+            )
+            result.seconds = time.perf_counter() - t_start
+            _write_json(out / "plan.json", result.to_dict())
+            raise TargetUnreachable(result.message)
+
+    def pick(byte_budget: int) -> tuple[dict[str, Point], float, float] | None:
+        if lat_x is None:
+            return solve(candidates, byte_budget)
+        if target_ratio is None and target_bytes is None:
+            return solve(candidates, lat_budget, cost=_latency)
+        return solve(candidates, byte_budget, limit=(_latency, lat_budget))
+
     epochs = finetune.epochs
     run_dir = out / "rounds"
     run_dir.mkdir(exist_ok=True)
     for index in range(rounds):
         solved = None
         while budget > 0:
-            solved = solve(candidates, budget)
+            solved = pick(budget)
             if solved is None:
                 break
             picks = {layer: _as_option(p) for layer, p in solved[0].items()}
@@ -408,9 +479,13 @@ def plan(
                 f"target out of reach: no choice of options fits {target:,} bytes once the real "
                 f"file's overhead is counted (smallest about {least:,} bytes, "
                 f"{dense_bytes / least:.1f}x)"
-            )
+            ) if lat_x is None else (
+                f"target out of reach: no choice of options fits {target:,} bytes and "
+                f"{target_latency_ms:g} ms at batch {latency_batch} once the real file's "
+                f"bytes and latency are counted")
             break
-        chosen, predicted, drop = solved
+        chosen, _, drop = solved
+        predicted = sum(p.bytes or 0 for p in chosen.values())
         picks = {layer: _as_option(p) for layer, p in chosen.items() if p.option}
         if not picks:
             raise DeepSqueezeError("the plan compresses no layer: the target is already met "
@@ -422,10 +497,15 @@ def plan(
         rnd = Round(
             round=index + 1, budget_bytes=budget, predicted_bytes=predicted + overhead + rest,
             predicted_drop_points=drop, oneshot_file_bytes=real, finetune_epochs=epochs,
-            choices=[Choice(layer, p.option, p.label, p.drop_points or 0.0, p.bytes or 0)
+            choices=[Choice(layer, p.option, p.label, p.drop_points or 0.0, p.bytes or 0,
+                            p.latency_us)
                      for layer, p in chosen.items()],
             recipe=recipe,
         )
+        if lat_x is not None:
+            rnd.budget_latency_us = lat_budget
+            rnd.predicted_latency_ms = (sum(_latency(p) for p in chosen.values())
+                                        + lat_overhead) / 1000
         say(f"round {index + 1}: " + "; ".join(f"{c.layer}: {c.label}" for c in rnd.choices))
         path = run_dir / f"round-{index + 1}.dsq"
         t0 = time.perf_counter()
@@ -446,14 +526,23 @@ def plan(
                 rnd.test_drop_points = 100 * (base_test - rnd.test_accuracy)
         rnd.bytes_ok = rnd.file_bytes <= target
         rnd.accuracy_ok = rnd.val_drop_points <= max_drop + 1e-9
+        if lat_x is not None:
+            from deepsqueeze.analysis.latency import file_latency_us
+
+            rnd.latency_ms = file_latency_us(path, lat_x) / 1000
+            rnd.latency_ok = rnd.latency_ms <= target_latency_ms  # type: ignore[operator]
         result.rounds.append(rnd)
         _write_yaml(run_dir / f"round-{index + 1}.yaml", recipe)
         say(f"round {index + 1}: {rnd.file_bytes:,} bytes ({rnd.compression:.1f}x), validation "
-            f"drop {rnd.val_drop_points:+.2f} points")
+            f"drop {rnd.val_drop_points:+.2f} points"
+            + ("" if rnd.latency_ms is None else
+               f", {rnd.latency_ms:.4g} ms at batch {latency_batch} in the runtime"))
         if rnd.met:
             break
         if not rnd.bytes_ok:
             budget -= rnd.file_bytes - target
+        if not rnd.latency_ok:  # the file ran slower than planned: ask the next round for less
+            lat_budget -= 1000 * rnd.latency_ms - 1000 * target_latency_ms  # type: ignore[operator]
         if not rnd.accuracy_ok:
             if epochs * 2 > max_epochs:
                 break
@@ -502,6 +591,9 @@ def _verdict(result: PlanResult, best: Round) -> str:
            f"{best.val_drop_points:+.2f} points")
     want = (f"{result.target_bytes:,} bytes ({result.target_ratio:.1f}x) at most "
             f"{result.max_drop_points:g} points")
+    if result.target_latency_ms is not None:
+        got += f", {best.latency_ms or 0:.4g} ms at batch {result.latency_batch}"
+        want += f", {result.target_latency_ms:g} ms at batch {result.latency_batch}"
     if best.met:
         return f"target reached: {got} (target {want}), round {best.round}"
     missed = []
@@ -509,6 +601,8 @@ def _verdict(result: PlanResult, best: Round) -> str:
         missed.append(f"{best.file_bytes - result.target_bytes:,} bytes over")
     if not best.accuracy_ok:
         missed.append(f"{best.val_drop_points - result.max_drop_points:.2f} points more drop")
+    if not best.latency_ok:
+        missed.append(f"{(best.latency_ms or 0) - (result.target_latency_ms or 0):.4g} ms slower")
     return (f"target out of reach after {len(result.rounds)} round(s): the best came to {got} "
             f"({', '.join(missed)} than the target {want}); fine-tune longer (--epochs), "
             "allow more drop, or aim lower")

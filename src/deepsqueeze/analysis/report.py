@@ -1,4 +1,5 @@
-"""``report``: a run folder (``plan --out``, or any folder holding a .dsq file) as report.md
+"""``report``: a run folder (``plan --out``, the folder ``compress`` wrote its file, numbers and
+recipe into, or any folder holding a .dsq file) as report.md
 and a self-contained report.html (images inlined as base64, no external resource).
 
 Measured from the file itself: top-1 on the test split (and the validation split when the
@@ -137,6 +138,7 @@ def build_report(
             raise OptionError(f"--image {img}: not a PNG file")
     t0 = time.perf_counter()
     plan = _read_json(folder / "plan.json")
+    run = _read_json(path.with_suffix(".json")) if plan is None else None
     name = resolve_dataset(path, dataset)
     info = inspect(path)
     say("evaluating the file on the test split")
@@ -199,6 +201,8 @@ def build_report(
 
     if plan is not None:
         sections.append(_plan_section(plan))
+    elif run is not None and isinstance(run.get("stages"), list):
+        sections.append(_run_section(run, path.with_name(path.stem + ".recipe.yaml")))
 
     energy_sec = Section("Energy estimate per inference")
     energy_sec.tables.append((["part", "count", "energy"], [
@@ -293,6 +297,28 @@ def _plan_section(plan: dict[str, Any]) -> Section:
                            [[str(c.get("layer")), str(c.get("label")),
                              _num(c.get("drop_points"), "+.2f"), _num(c.get("bytes"))]
                             for c in _as_list(best.get("choices")) if isinstance(c, dict)]))
+    return sec
+
+
+def _run_section(run: dict[str, Any], recipe: Path) -> Section:
+    """The ``compress`` run written beside the file: baseline and every stage's accuracy."""
+    sec = Section("Compression run")
+    name = run.get("recipe", {}).get("name") if isinstance(run.get("recipe"), dict) else None
+    sec.paragraphs.append(
+        f"Recipe {str(name)[:200]!s}" + (f" ({recipe.name} beside the file)" if recipe.is_file()
+                                         else "") + "; accuracy on the evaluation data after "
+        "each stage, as `compress` measured it, then the file itself loaded back.")
+    rows = [["(baseline)", "", "", _pct(run.get("baseline_accuracy")), ""]]
+    for st in _as_list(run.get("stages")):
+        if not isinstance(st, dict):
+            continue
+        layers = [str(v) for v in _as_list(st.get("layers"))]
+        rows.append([str(st.get("stage"))[:200],
+                     ", ".join(layers) if len(layers) <= 4 else f"{len(layers)} layers",
+                     _num(st.get("finetune_epochs"), "g"), _pct(st.get("test_accuracy")),
+                     _num(st.get("seconds"), ".1f")])
+    rows.append(["(the .dsq file)", "", "", _pct(run.get("file_accuracy")), ""])
+    sec.tables.append((["stage", "layers", "fine-tune epochs", "top-1", "seconds"], rows))
     return sec
 
 

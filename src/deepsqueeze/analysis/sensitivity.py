@@ -95,6 +95,9 @@ class Point:
     other_bytes: int = 0
     """Change of the other layers' bytes (channel pruning shrinks its consumers): a point
     with a nonzero change is not additive across layers, so the planner leaves it out."""
+    latency_us: float | None = None
+    """The layer's runtime latency at the plan's batch size (measured only for
+    ``--target-latency``; :mod:`.latency`)."""
     loss_increase: float | None = None
     """Validation cross-entropy minus the baseline's: a smooth measure of the harm that, unlike
     the accuracy drop, does not read 0 for every option below one sample's worth of
@@ -217,9 +220,11 @@ def measure(
     encode: EncodeOptions | None = None,
     progress: Callable[[str], None] | None = None,
     bytes_cache: TensorBytes | None = None,
+    latency_input: torch.Tensor | None = None,
 ) -> tuple[float, dict[str, int], list[Point]]:
     """``(baseline accuracy, dense bytes per layer, points)`` of every option on every layer
-    (each alone, on a copy of ``model``)."""
+    (each alone, on a copy of ``model``); with ``latency_input`` (a batch) each point's layer
+    is also timed in the runtime (:func:`.latency.runtime_latency`)."""
     model = model.cpu().eval()
     x, y = val.normalized(), val.labels
     scored = accuracy_and_loss(model, x, y)
@@ -242,10 +247,15 @@ def measure(
                 continue
             got = accuracy_and_loss(work.eval(), x, y)
             nbytes, other = ref.measure(work, layer)
+            latency = None
+            if latency_input is not None:
+                from deepsqueeze.analysis.latency import runtime_latency
+
+                latency = runtime_latency(work, [layer], latency_input, whole=False)[0][layer]
             points.append(Point(layer, option.to_dict(), option.label, got.accuracy,
                                 100 * (baseline - got.accuracy), nbytes, dense[layer],
                                 time.perf_counter() - t0, other_bytes=other,
-                                loss_increase=got.loss - scored.loss))
+                                loss_increase=got.loss - scored.loss, latency_us=latency))
     return baseline, dense, points
 
 

@@ -267,11 +267,17 @@ def compress(
     With ``out``, the result is saved as a .dsq file (``extra_meta``: more JSON fields for its
     manifest, e.g. ``{"data": "x.npz"}``), and (``evaluate_file``) the file itself
     is loaded back and scored; ``out`` is checked first (:class:`OutputPathError` when it is a
-    folder, cannot be written, or is the model or recipe file), before any work.
+    folder, cannot be written, or is the model or recipe file), before any work. Beside it go
+    the run's numbers and recipe (:func:`run_record_paths`: ``model.dsq`` -> ``model.json``,
+    ``model.recipe.yaml``), which ``deepsqueeze report`` reads.
     """
     if out is not None:
         inputs = [p for p in (model, recipe) if isinstance(p, (str, Path))]
         check_output_file(out, inputs=inputs)
+        numbers, recipe_copy = run_record_paths(out)
+        check_output_file(numbers, inputs=inputs)
+        if not any(_same_file(recipe_copy, p) for p in inputs):
+            check_output_file(recipe_copy, inputs=inputs)
     if subset is not None:
         check_int("subset (--subset)", subset, 1, 1 << 31)
     if accuracy_floor is not None and (
@@ -374,6 +380,10 @@ def compress(
     if out is not None:
         _save(result, model, out, recipe, data, example_inputs, dense_parameters, skeleton,
               evaluate_file, score, extra_meta)
+        from deepsqueeze.training.distributed import is_main_process
+
+        if is_main_process():
+            write_run_record(result, out, inputs)
     return result
 
 
@@ -424,3 +434,45 @@ def _save(
     barrier(current_context())
     if evaluate_file:
         score_file()
+
+
+def run_record_paths(out: str | Path) -> tuple[Path, Path]:
+    """Where :func:`compress` writes its numbers and recipe beside ``out``:
+    ``<stem>.json`` and ``<stem>.recipe.yaml`` (``model.dsq`` -> ``model.json``,
+    ``model.recipe.yaml``)."""
+    out = Path(out)
+    return out.with_suffix(".json"), out.with_name(out.stem + ".recipe.yaml")
+
+
+def write_run_record(result: CompressResult, out: str | Path,
+                     inputs: Sequence[object] = ()) -> tuple[Path, Path]:
+    """Write the run's numbers (baseline, every stage, the file's bytes and accuracy) and its
+    recipe beside ``out``, each atomically, so ``deepsqueeze report`` can read the folder."""
+    import json
+    import platform
+
+    import yaml
+
+    from deepsqueeze.io import atomic_write
+
+    numbers, recipe = run_record_paths(out)
+    data = result.to_dict()
+    data["path"] = Path(out).name  # relative: the folder can move
+    data["environment"] = {"torch": torch.__version__, "python": platform.python_version(),
+                           "torch_threads": torch.get_num_threads()}
+    with atomic_write(numbers, "w") as handle:
+        json.dump(data, handle, indent=2, default=str)
+    if not any(_same_file(recipe, p) for p in inputs):  # never rewrite the user's recipe
+        with atomic_write(recipe, "w") as handle:
+            yaml.safe_dump(result.recipe.model_dump(mode="json", exclude_none=True), handle,
+                           sort_keys=False)
+    return numbers, recipe
+
+
+def _same_file(a: Path, b: object) -> bool:
+    if not isinstance(b, (str, Path)):
+        return False
+    try:
+        return a.resolve() == Path(b).resolve() or (a.exists() and a.samefile(b))
+    except OSError:
+        return False
