@@ -191,8 +191,9 @@ def test_plan_with_a_latency_target_times_the_runtime(tiny, splits, tmp_path):
              finetune=Finetune(epochs=0.1), model_name="tiny", sensitivity_samples=100)
     # a byte target and a (loose) latency target: the round is timed and checked against it
     res = plan(tiny, fit, val, tmp_path / "slow", target_latency_ms=1e3, latency_batch=8,
-               target_ratio=4, max_drop=50.0, methods=["prune"], finetune=Finetune(epochs=0.1), rounds=1,
-               model_name="tiny", sensitivity_samples=100)
+               target_ratio=4, max_drop=50.0, methods=["prune"],
+               finetune=Finetune(epochs=0.1), rounds=1, model_name="tiny",
+               sensitivity_samples=100)
     best = res.best_round
     assert best is not None and best.latency_ms is not None and 0 < best.latency_ms < 1e3
     assert res.reached and res.dense_latency_ms and "ms at batch 8" in res.message

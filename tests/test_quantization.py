@@ -39,10 +39,11 @@ def _data(n: int = 128, shape: tuple[int, ...] = (1, 28, 28), seed: int = 0
     return torch.randn(n, *shape, generator=g), torch.zeros(n, dtype=torch.long)
 
 
-def _ptq(model: nn.Module, bits: int = 8, **params: object) -> nn.Module:
+def _ptq(model: nn.Module, bits: int = 8, shape: tuple[int, ...] = (1, 28, 28),
+         **params: object) -> nn.Module:
     method = create_method("quantize", bits=bits, **params)
     method.apply(model, select_layers(model, None))
-    method.calibrate(model, _data())  # type: ignore[attr-defined]
+    method.calibrate(model, _data(shape=shape))  # type: ignore[attr-defined]
     method.finalize(model)
     return model
 
@@ -223,10 +224,13 @@ def test_pruned_int8_is_stored_sparse(tmp_path: Path) -> None:
     torch.testing.assert_close(loaded.fc1.weight, model.fc1.weight, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("impl", ["int8-ort", "dequant"])
+@pytest.mark.parametrize("impl,reduced", [("int8-ort", False), ("dequant", False),
+                                          ("int8-ort", True), ("int8-onednn", True),
+                                          ("dequant", True)])
 def test_runtime_executors_equal_the_dense_decoding(
-        lenet5_file: tuple[Path, nn.Module], impl: str) -> None:
-    path, model = lenet5_file
+        lenet5_file: tuple[Path, nn.Module], reduced_file: tuple[Path, nn.Module], impl: str,
+        reduced: bool) -> None:
+    path, model = reduced_file if reduced else lenet5_file
     names = list(quantized_layers(model))
     fast = load_runtime(path, impls=dict.fromkeys(names, impl), autotune=False)
     for name in names:
@@ -242,6 +246,127 @@ def test_runtime_executors_equal_the_dense_decoding(
     assert fast(torch.empty(0, 1, 28, 28)).shape == (0, 10)
     with pytest.raises(deepsqueeze.errors.RuntimeInputError):
         fast(torch.randn(2, 3, 28, 28))
+
+
+@pytest.fixture(scope="module")
+def reduced_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, nn.Module]:
+    """lenet5 quantized with 7-bit inputs (``reduce_range``): the int8-onednn executor runs it."""
+    torch.manual_seed(0)
+    model = _ptq(models.create("lenet5"), reduce_range=True).eval()
+    path = tmp_path_factory.mktemp("q7") / "lenet5-int8-7bit.dsq"
+    deepsqueeze.save(model, path)
+    return path, model
+
+
+def test_reduce_range_inputs_take_0_to_127_and_survive_the_file(
+        reduced_file: tuple[Path, nn.Module]) -> None:
+    path, model = reduced_file
+    layer = model.fc1
+    assert layer.reduce_range and layer.input_qmax == 127
+    s, zp = layer.input_qparams()
+    x = torch.linspace(-50, 50, 1001)
+    q = torch.round(fake_quantize_input(x, layer.input_scale, layer.input_zero_point, 127) / s)
+    assert float(q.max()) + zp <= 127 and float(q.min()) + zp >= 0
+    loaded = deepsqueeze.load(path)
+    assert loaded.fc1.reduce_range and loaded.conv1.reduce_range
+    x, _ = _data(8, seed=3)
+    torch.testing.assert_close(loaded(x), model(x), atol=0, rtol=0)
+
+
+def test_files_written_before_reduce_range_still_load() -> None:
+    from deepsqueeze.models.graph import build_module
+
+    old = {"type": "QuantLinear", "config": {"in_features": 4, "out_features": 3, "bias": True,
+                                             "bits": 8, "activations": True}}
+    assert build_module("fc", old).reduce_range is False
+    with pytest.raises(DsqFormatError, match="options must be exactly"):
+        build_module("fc", {"type": "QuantLinear", "config": {"in_features": 4}})
+
+
+def _onednn(layer: nn.Module):  # the executor of one quantized layer, built from its form
+    from deepsqueeze.runtime.executors.quantized import (
+        OnednnQuantConv2d,
+        OnednnQuantLinear,
+        QuantForm,
+        _geometry,
+        _onednn_ok,
+    )
+
+    form = QuantForm(layer.weight.detach().numpy().astype(np.int8), layer.weight_scale.numpy(),
+                     *layer.input_qparams(), True, layer.bits, layer.input_qmax)
+    if not _onednn_ok(form, layer):
+        return None
+    bias = None if layer.bias is None else layer.bias.detach()
+    if isinstance(layer, QuantLinear):
+        return OnednnQuantLinear(form, bias)
+    return OnednnQuantConv2d(form, bias, _geometry(layer))
+
+
+@pytest.mark.parametrize("geometry", [
+    dict(kernel_size=3, padding=1), dict(kernel_size=5, stride=2, padding=2),
+    dict(kernel_size=3, dilation=2, padding=2), dict(kernel_size=3, groups=2, padding=1),
+    dict(kernel_size=1)])
+def test_onednn_int8_conv_equals_the_model_layer(geometry: dict[str, int]) -> None:
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(6, 8, bias=True, **geometry))
+    _ptq(model, shape=(6, 13, 11), reduce_range=True)
+    layer = model[0]
+    exe = _onednn(layer)
+    assert exe is not None
+    x = torch.randn(5, 6, 13, 11)
+    ref = layer(x).detach()
+    torch.testing.assert_close(exe(x), ref, atol=1e-4, rtol=1e-4)
+    # a channels-last input (what the previous int8 conv returns) is read as it is
+    torch.testing.assert_close(exe(x.contiguous(memory_format=torch.channels_last)), ref,
+                               atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(exe(x[0]), ref[0], atol=1e-4, rtol=1e-4)  # unbatched
+    assert exe(torch.empty(0, 6, 13, 11)).shape[0] == 0
+
+
+def test_onednn_int8_linear_equals_the_model_layer() -> None:
+    model = nn.Sequential(nn.Linear(30, 12))
+    _ptq(model, shape=(30,), reduce_range=True)
+    layer = model[0]
+    exe = _onednn(layer)
+    x = torch.randn(7, 30) * 3
+    torch.testing.assert_close(exe(x), layer(x).detach(), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(exe(x.reshape(7, 1, 30)), layer(x).detach().reshape(7, 1, 12),
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_onednn_is_not_offered_where_8_bit_inputs_could_saturate() -> None:
+    model = nn.Sequential(nn.Linear(30, 12))
+    _ptq(model, shape=(30,))  # 8-bit inputs, weights up to 127: u8 x s8 pair sums could saturate
+    assert int(model[0].weight.abs().max()) == 127 and _onednn(model[0]) is None
+    with torch.no_grad():  # weights within +-64 cannot saturate: offered again, and exact
+        model[0].weight.clamp_(-64, 64)
+    exe = _onednn(model[0])
+    x = torch.randn(9, 30) * 4
+    torch.testing.assert_close(exe(x), model[0](x).detach(), atol=1e-4, rtol=1e-4)
+
+
+def test_quantize_kernel_refuses_bad_arguments() -> None:
+    import ctypes
+
+    from deepsqueeze.runtime.executors.quantized import _QUANT_ARGS
+    from deepsqueeze.runtime.kernel import DSQ_EINVAL, DSQ_ESIZE, get_kernel
+
+    kernel = get_kernel()
+    if kernel is None:
+        pytest.skip("no C compiler")
+    fn = kernel.function("dsq_quant_u8_nhwc", _QUANT_ARGS)
+    x = torch.tensor([[-1.0, 0.26, 1e9, float("nan")]]).reshape(1, 4)
+    out = torch.empty(4, dtype=torch.uint8)
+    assert fn(x.data_ptr(), 4, 1, 4, 1, 0, 0.5, 3, 127, out.data_ptr(), 4) == 0
+    assert out.tolist() == [1, 4, 127, 0]  # -2 + 3, round(0.52) + 3, clamped, NaN -> 0
+    assert fn(x.data_ptr(), 4, 1, 4, 1, 0, 0.5, 3, 127, out.data_ptr(), 3) == DSQ_ESIZE
+    assert fn(x.data_ptr(), 4, 1, 4, 1, 2, 0.5, 3, 127, out.data_ptr(), 4) == DSQ_EINVAL
+    assert fn(x.data_ptr(), 4, 1, 4, 1, 0, 0.0, 3, 127, out.data_ptr(), 4) == DSQ_EINVAL
+    assert fn(x.data_ptr(), 4, 1, 4, 1, 0, 0.5, 200, 127, out.data_ptr(), 4) == DSQ_EINVAL
+    assert fn(None, 4, 1, 4, 1, 0, 0.5, 3, 127, out.data_ptr(), 4) == DSQ_EINVAL
+    assert fn(x.data_ptr(), 4, 1 << 62, 4, 1 << 10, 0, 0.5, 3, 127, out.data_ptr(),
+              4) == DSQ_ESIZE
+    assert ctypes.sizeof(ctypes.c_float) == 4
 
 
 def test_one_integer_layer_matches_fake_quantization_closely() -> None:
@@ -283,6 +408,21 @@ def test_int8_onnx_export_runs_in_onnxruntime_and_matches(
     ref = model(x).detach().numpy()
     assert float(np.abs(out - ref).max()) <= 0.02 * float(np.abs(ref).max()) + 1e-4
     assert (out.argmax(1) == ref.argmax(1)).all()
+
+
+def test_int8_onnx_export_clips_7_bit_inputs(reduced_file: tuple[Path, nn.Module],
+                                            tmp_path: Path) -> None:
+    import onnx
+
+    from deepsqueeze.runtime.onnx_export import export_onnx, onnx_session
+
+    path, model = reduced_file
+    data = export_onnx(path, tmp_path / "m7.onnx", int8=True)
+    assert "Clip" in {n.op_type for n in onnx.load_from_string(data).graph.node}
+    x = _data(16, seed=6)[0] * 4  # wide inputs: the clip at 127 matters
+    out = onnx_session(data, 1).run(None, {"input": x.numpy()})[0]
+    ref = model(x).detach().numpy()
+    assert float(np.abs(out - ref).max()) <= 0.02 * float(np.abs(ref).max()) + 1e-4
 
 
 def test_cli_export_int8(lenet5_file: tuple[Path, nn.Module], tmp_path: Path,

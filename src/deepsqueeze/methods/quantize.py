@@ -146,9 +146,10 @@ def _effective_weight(module: nn.Module) -> torch.Tensor:
 
 
 def to_quantized(module: nn.Module, bits: int = 8, activations: bool = True,
-                 name: str = "") -> QuantizedLayer:
+                 name: str = "", reduce_range: bool = False) -> QuantizedLayer:
     """A quantized copy of an ``nn.Linear`` / ``nn.Conv2d`` (its effective weight quantized
-    per channel; bias kept in fp32). Input ranges are left unset (scale 1, zero point 0)."""
+    per channel; bias kept in fp32; ``reduce_range``: 7-bit inputs). Input ranges are left
+    unset (scale 1, zero point 0)."""
     label = name or type(module).__name__
     w = _effective_weight(module)
     if not torch.isfinite(w).all():
@@ -157,7 +158,7 @@ def to_quantized(module: nn.Module, bits: int = 8, activations: bool = True,
     new: QuantizedLayer
     if isinstance(module, nn.Linear):
         new = QuantLinear(module.in_features, module.out_features, bias is not None, bits,
-                          activations)
+                          activations, reduce_range)
     elif isinstance(module, nn.Conv2d):
         if isinstance(module.padding, str) or module.padding_mode != "zeros":
             raise ModelError(
@@ -166,7 +167,7 @@ def to_quantized(module: nn.Module, bits: int = 8, activations: bool = True,
                 "(leave the layer out of 'layers')")
         new = QuantConv2d(module.in_channels, module.out_channels, module.kernel_size,
                           module.stride, module.padding, module.dilation, module.groups,
-                          bias is not None, "zeros", bits, activations)
+                          bias is not None, "zeros", bits, activations, reduce_range)
     else:
         raise ModelError(f"layer {label!r} is a {type(module).__name__}; quantize handles "
                          "Linear and Conv2d")
@@ -273,7 +274,8 @@ class _Collector:
         step = max(1, x.numel() // SAMPLE_PER_BATCH)
         self.samples.append(x[::step].cpu().numpy().copy())
 
-    def range(self, method: RangeMethod, percentile: float) -> tuple[float, float]:
+    def range(self, method: RangeMethod, percentile: float, qmax: int = 255
+              ) -> tuple[float, float]:
         if not self.samples:
             raise ModelError("no calibration batch reached this layer")
         if method == "minmax":
@@ -281,21 +283,21 @@ class _Collector:
         v = np.concatenate(self.samples)
         if method == "percentile":
             return (float(np.percentile(v, 100 - percentile)), float(np.percentile(v, percentile)))
-        return _mse_range(v, self.lo, self.hi)
+        return _mse_range(v, self.lo, self.hi, qmax)
 
 
-def _fake_quant_np(v: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    scale, zp = affine_qparams(lo, hi)
-    q = np.clip(np.rint(v / scale) + zp, 0, 255)
+def _fake_quant_np(v: np.ndarray, lo: float, hi: float, qmax: int = 255) -> np.ndarray:
+    scale, zp = affine_qparams(lo, hi, qmax)
+    q = np.clip(np.rint(v / scale) + zp, 0, qmax)
     return (q - zp) * scale
 
 
-def _mse_range(v: np.ndarray, lo: float, hi: float) -> tuple[float, float]:
+def _mse_range(v: np.ndarray, lo: float, hi: float, qmax: int = 255) -> tuple[float, float]:
     """The range ``alpha * [lo, hi]`` (alpha on a grid in (0, 1]) of least quantization MSE."""
     best, best_err = (lo, hi), math.inf
     for alpha in np.linspace(1.0 / MSE_GRID, 1.0, MSE_GRID):
         cand = (lo * alpha, hi * alpha)
-        err = float(np.mean((_fake_quant_np(v, *cand) - v) ** 2))
+        err = float(np.mean((_fake_quant_np(v, *cand, qmax) - v) ** 2))
         if err < best_err - 1e-12 * max(best_err, 1e-30):
             best, best_err = cand, err
     return best
@@ -341,7 +343,7 @@ def calibrate(model: nn.Module, data: Any, *, batches: int = 8, batch_size: int 
     ranges = {}
     for name, mod in chosen.items():
         try:
-            lo, hi = collectors[name].range(method, percentile)
+            lo, hi = collectors[name].range(method, percentile, mod.input_qmax)
         except ModelError as exc:
             raise ModelError(f"calibrate: layer {name!r}: {exc}") from exc
         with torch.no_grad():
@@ -403,6 +405,9 @@ class QuantizeParams(MethodParams):
 
     bits: Bits | dict[str, Bits] = Field(8, description="weight bits (8 or 4; 2..8)")
     activations: bool = Field(True, description="quantize layer inputs to uint8")
+    reduce_range: bool = Field(False, description=(
+        "7-bit inputs (0..127): the int8-onednn executor's u8 x s8 kernels are then exact on "
+        "CPUs without VNNI (as PyTorch's x86 quantization does)"))
     calibration: CalibrationParams = Field(default_factory=CalibrationParams)
     fold_bn: bool = Field(True, description="fold BatchNorm2d into the Conv2d before it")
     layers: list[str] | None = None
@@ -458,7 +463,8 @@ class Quantize(Method):
         for name in layers:
             module = model.get_submodule(name)  # re-read: folding may have changed it
             self._original[name] = _effective_weight(module)
-            new = to_quantized(module, bits[name], self.params.activations, name)
+            new = to_quantized(module, bits[name], self.params.activations, name,
+                               self.params.reduce_range)
             new.weight.requires_grad_(False)  # the integers are final; biases may fine-tune
             _replace(model, name, new)
         self.report = {"folded_bn": folded}
@@ -515,6 +521,7 @@ class QATParams(MethodParams):
 
     bits: Bits | dict[str, Bits] = Field(8, description="weight bits (8 or 4; 2..8)")
     activations: bool = Field(True, description="fake-quantize layer inputs to uint8")
+    reduce_range: bool = Field(False, description="7-bit inputs (see quantize)")
     ema: float = Field(0.01, gt=0.0, le=1.0,
                        description="momentum of the observed input ranges while training")
     calibration: CalibrationParams = Field(default_factory=CalibrationParams)
@@ -545,7 +552,8 @@ class QAT(Method):
         for name, module in layers.items():
             w = _effective_weight(module)
             self._original[name] = w
-            new = to_quantized(module, bits[name], self.params.activations, name)
+            new = to_quantized(module, bits[name], self.params.activations, name,
+                               self.params.reduce_range)
             mask = (w != 0) if bool((w == 0).any()) else None
             with torch.no_grad():
                 new.weight.copy_(w)  # the latent fp32 weight
@@ -566,7 +574,7 @@ class QAT(Method):
             mod.observing, mod.ema = self.params.activations, self.params.ema
             if seen:
                 s, zp = mod.input_qparams()
-                mod.observed = (-zp * s, (255 - zp) * s)
+                mod.observed = (-zp * s, (mod.input_qmax - zp) * s)
 
     def finalize(self, model: nn.Module) -> None:
         """Bake the integer weights and their scales; stop observing."""

@@ -30,7 +30,7 @@ import math
 import operator
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -219,6 +219,9 @@ class ModuleKind:
 
     cls: type[nn.Module]
     options: dict[str, Check]
+    added: dict[str, Any] = field(default_factory=dict)
+    """Options added after files were written: a file may lack them, and then gets this value
+    (what the class did before the option existed)."""
 
 
 MODULES: dict[str, ModuleKind] = {
@@ -287,17 +290,23 @@ ints_option = _ints
 conv_options = _conv
 
 
-def register_kind(name: str, cls: type[nn.Module], options: dict[str, Check]) -> None:
+def register_kind(name: str, cls: type[nn.Module], options: dict[str, Check],
+                  added: dict[str, Any] | None = None) -> None:
     """Register a compressed layer kind: ``cls(**options)`` rebuilds it, each option read from
     the module's attribute of the same name (``bias``: whether ``module.bias`` is set) and
     checked by its :data:`Check` when a file is read. The kind becomes a graph leaf and is
-    recorded in every .dsq file that holds one. Re-registering the same class is a no-op."""
+    recorded in every .dsq file that holds one. Re-registering the same class is a no-op.
+    ``added``: options introduced after files were written, with the value a file that lacks
+    them gets (every other option must be present)."""
+    unknown = set(added or {}) - set(options)
+    if unknown:
+        raise ValueError(f"added options {sorted(unknown)} are not options of {name}")
     if not _NAME_RE.fullmatch(name):
         raise ValueError(f"kind name {name!r} must be an identifier")
     known = MODULES.get(name)
     if known is not None and known.cls is not cls:
         raise ValueError(f"kind {name!r} is already registered for {known.cls.__name__}")
-    MODULES[name] = KINDS[name] = ModuleKind(cls, dict(options))
+    MODULES[name] = KINDS[name] = ModuleKind(cls, dict(options), dict(added or {}))
     _KIND_OF[cls] = name
 
 
@@ -620,6 +629,8 @@ def _build_module(name: Any, spec: Any, device: str | torch.device) -> nn.Module
     if kind is None:
         raise _fail(f"{where} type", f"one of {sorted(MODULES)}", spec["type"])
     config = spec["config"]
+    if isinstance(config, dict) and set(config) <= set(kind.options):
+        config = {**{k: v for k, v in kind.added.items() if k not in config}, **config}
     if not isinstance(config, dict) or set(config) != set(kind.options):
         got = sorted(config) if isinstance(config, dict) else config
         raise DsqFormatError(

@@ -35,12 +35,17 @@ from deepsqueeze.models.graph import (
 )
 
 __all__ = [
-    "ACT_QMAX", "QuantConv2d", "QuantLinear", "QuantizedLayer", "affine_qparams",
+    "ACT_QMAX", "REDUCED_QMAX", "QuantConv2d", "QuantLinear", "QuantizedLayer", "affine_qparams",
     "fake_quantize_input", "qmax_of", "round_ste",
 ]
 
 ACT_QMAX = 255
 """Inputs are quantized to uint8: 0..255."""
+REDUCED_QMAX = 127
+"""Inputs of a ``reduce_range`` layer: 0..127 (7 bits). On x86 CPUs without VNNI the u8 x s8
+integer kernels (oneDNN, fbgemm) add pairs of products in int16 and saturate; with inputs below
+128 a pair cannot (2 * 127 * 127 < 32767), so the fast int8 executor is exact. PyTorch's x86
+quantization makes the same choice."""
 MIN_BITS, MAX_BITS = 2, 8
 _MAX_DIM = 1 << 24
 
@@ -59,11 +64,13 @@ class QuantizedLayer(nn.Module):
     input_zero_point: torch.Tensor
     bias: torch.Tensor | None
 
-    def _init_quant(self, out_features: int, bits: int, activations: bool, bias: bool) -> None:
+    def _init_quant(self, out_features: int, bits: int, activations: bool, bias: bool,
+                    reduce_range: bool = False) -> None:
         if not MIN_BITS <= bits <= MAX_BITS:
             raise ValueError(f"bits must be in {MIN_BITS}..{MAX_BITS}, got {bits}")
         self.bits = int(bits)
         self.activations = bool(activations)
+        self.reduce_range = bool(reduce_range)
         self.register_buffer("weight_scale", torch.ones(out_features))
         self.register_buffer("input_scale", torch.ones(1))
         self.register_buffer("input_zero_point", torch.zeros(1))
@@ -77,6 +84,11 @@ class QuantizedLayer(nn.Module):
     @property
     def qmax(self) -> int:
         return qmax_of(self.bits)
+
+    @property
+    def input_qmax(self) -> int:
+        """Largest uint8 input value: 255, or 127 with ``reduce_range``."""
+        return REDUCED_QMAX if self.reduce_range else ACT_QMAX
 
     def scale_view(self) -> torch.Tensor:
         """``weight_scale`` shaped to broadcast over ``weight``."""
@@ -92,7 +104,7 @@ class QuantizedLayer(nn.Module):
 
     def set_input_range(self, lo: float, hi: float) -> None:
         """Set the input quantization from a real range (widened to hold 0 exactly)."""
-        scale, zp = affine_qparams(lo, hi)
+        scale, zp = affine_qparams(lo, hi, self.input_qmax)
         self.input_scale.fill_(scale)
         self.input_zero_point.fill_(zp)
 
@@ -119,8 +131,8 @@ class QuantizedLayer(nn.Module):
             return x
         if torch.onnx.is_in_onnx_export():  # exported as QuantizeLinear + DequantizeLinear
             scale, zp = self.input_qparams()
-            return torch.fake_quantize_per_tensor_affine(x, scale, zp, 0, ACT_QMAX)
-        return fake_quantize_input(x, self.input_scale, self.input_zero_point)
+            return torch.fake_quantize_per_tensor_affine(x, scale, zp, 0, self.input_qmax)
+        return fake_quantize_input(x, self.input_scale, self.input_zero_point, self.input_qmax)
 
     def _weight(self) -> torch.Tensor:
         if self.export_int8 and torch.onnx.is_in_onnx_export():  # int8 weights, per channel
@@ -134,7 +146,8 @@ class QuantizedLayer(nn.Module):
         return self.weight.detach()
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, activations={self.activations}"
+        reduced = ", reduce_range=True" if self.reduce_range else ""
+        return f"bits={self.bits}, activations={self.activations}{reduced}"
 
 
 class _RoundSTE(torch.autograd.Function):
@@ -154,33 +167,35 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return _RoundSTE.apply(x)
 
 
-def fake_quantize_input(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
-                        ) -> torch.Tensor:
-    """``(clamp(round(x / scale) + zp, 0, 255) - zp) * scale``, as onnxruntime's
-    QuantizeLinear + DequantizeLinear compute it; the gradient passes inside the range."""
-    q = torch.clamp(round_ste(x / scale) + zero_point, 0, ACT_QMAX)
+def fake_quantize_input(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                        qmax: int = ACT_QMAX) -> torch.Tensor:
+    """``(clamp(round(x / scale) + zp, 0, qmax) - zp) * scale`` (``qmax`` 255, or 127 with
+    ``reduce_range``), as onnxruntime's QuantizeLinear + DequantizeLinear compute it; the
+    gradient passes inside the range."""
+    q = torch.clamp(round_ste(x / scale) + zero_point, 0, qmax)
     return (q - zero_point) * scale
 
 
-def affine_qparams(lo: float, hi: float) -> tuple[float, int]:
-    """uint8 ``(scale, zero_point)`` for the real range ``[lo, hi]`` widened to hold 0."""
+def affine_qparams(lo: float, hi: float, qmax: int = ACT_QMAX) -> tuple[float, int]:
+    """uint8 ``(scale, zero_point)`` for the real range ``[lo, hi]`` widened to hold 0, over
+    ``0..qmax``."""
     lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
     if hi - lo <= 0 or not (abs(lo) < float("inf") and abs(hi) < float("inf")):
         return 1.0, 0
-    scale = (hi - lo) / ACT_QMAX
+    scale = (hi - lo) / qmax
     zp = round(-lo / scale)
-    return scale, min(max(zp, 0), ACT_QMAX)
+    return scale, min(max(zp, 0), qmax)
 
 
 class QuantLinear(QuantizedLayer):
     """``nn.Linear`` with integer weights, per-output-channel scales and uint8 inputs."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, bits: int = 8,
-                 activations: bool = True) -> None:
+                 activations: bool = True, reduce_range: bool = False) -> None:
         super().__init__()
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.weight = nn.Parameter(torch.zeros(out_features, in_features))
-        self._init_quant(out_features, bits, activations, bias)
+        self._init_quant(out_features, bits, activations, bias, reduce_range)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self.quantize_input(x), self._weight(), self.bias)
@@ -195,7 +210,8 @@ class QuantConv2d(QuantizedLayer):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: Any, stride: Any = 1,
                  padding: Any = 0, dilation: Any = 1, groups: int = 1, bias: bool = True,
-                 padding_mode: str = "zeros", bits: int = 8, activations: bool = True) -> None:
+                 padding_mode: str = "zeros", bits: int = 8, activations: bool = True,
+                 reduce_range: bool = False) -> None:
         super().__init__()
         if padding_mode != "zeros":
             raise ValueError(f"QuantConv2d supports padding_mode='zeros' only, not "
@@ -212,7 +228,7 @@ class QuantConv2d(QuantizedLayer):
         self.padding_mode = padding_mode
         self.weight = nn.Parameter(
             torch.zeros(out_channels, in_channels // groups, *self.kernel_size))
-        self._init_quant(out_channels, bits, activations, bias)
+        self._init_quant(out_channels, bits, activations, bias, reduce_range)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(self.quantize_input(x), self._weight(), self.bias, self.stride,
@@ -229,9 +245,11 @@ def is_training_form(module: nn.Module) -> bool:
     return parametrize.is_parametrized(module, "weight")
 
 
-_QUANT = {"bits": int_option(MIN_BITS, MAX_BITS), "activations": bool_option}
+_QUANT = {"bits": int_option(MIN_BITS, MAX_BITS), "activations": bool_option,
+          "reduce_range": bool_option}
+_ADDED = {"reduce_range": False}  # files written before the option hold 8-bit inputs
 register_kind("QuantLinear", QuantLinear, {
     "in_features": int_option(1, _MAX_DIM), "out_features": int_option(1, _MAX_DIM),
     "bias": bool_option, **_QUANT,
-})
-register_kind("QuantConv2d", QuantConv2d, {**conv_options(2), **_QUANT})
+}, added=_ADDED)
+register_kind("QuantConv2d", QuantConv2d, {**conv_options(2), **_QUANT}, added=_ADDED)

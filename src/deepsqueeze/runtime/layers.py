@@ -441,11 +441,17 @@ class _ConvBase(RuntimeLayer, ABC):
         self.geometry = geometry
         _buffers(self, bias=bias)
 
+    accepts_channels_last = False
+    """Whether :meth:`run` takes a channels-last ``x`` as it is (else it gets a contiguous
+    copy)."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Check ``x`` (``[N, C, H, W]`` or unbatched ``[C, H, W]``), then :meth:`run` it."""
         g = self.geometry
         if (type(x) is not _TENSOR or x.dtype is not _F32 or x.layout is not _STRIDED
-                or not x.is_cpu or not x.is_contiguous()):
+                or not x.is_cpu or not (x.is_contiguous() or (
+                    self.accepts_channels_last and x.dim() == 4
+                    and x.is_contiguous(memory_format=torch.channels_last)))):
             x = as_input(x, self.who())
         shape = x.shape
         if len(shape) not in (3, 4) or shape[-3] != g.in_channels:
