@@ -369,6 +369,33 @@ def test_quantize_kernel_refuses_bad_arguments() -> None:
     assert ctypes.sizeof(ctypes.c_float) == 4
 
 
+def test_autotuner_times_the_channels_last_int8_chain_as_a_whole(
+        reduced_file: tuple[Path, nn.Module]) -> None:
+    from deepsqueeze.runtime.loader import runtime_info
+
+    path, model = reduced_file
+    fast = load_runtime(path, batch_size=8, autotune=True, cache=False)
+    info = runtime_info(fast)
+    chain = [f for f in info.fused if f["name"] == "channels-last chain"]
+    impls = {c.layer: c.impl for c in info.layers}
+    if not chain:  # every layer chose it alone: nothing to decide
+        assert all(i == "int8-onednn" for i in impls.values())
+    else:
+        assert len(chain) == 1 and set(chain[0]["time_us"]) == {"chain", "layers"}
+        kept = chain[0]["time_us"]["chain"] < chain[0]["time_us"]["layers"]
+        assert chain[0]["kept"] == kept and set(chain[0]["layers"]) == set(impls)
+        switched = {c.layer for c in info.layers if c.source == "chain"}
+        if kept:
+            assert all(i == "int8-onednn" for i in impls.values())
+        else:
+            assert not switched and any(i != "int8-onednn" for i in impls.values())
+        assert "whole model timed" in info.table().caption
+    x, _ = _data(8, seed=9)
+    with torch.no_grad():
+        ref, out = model(x), fast(x)
+    assert float((out - ref).abs().max()) <= 0.02 * float(ref.abs().max()) + 1e-4
+
+
 def test_one_integer_layer_matches_fake_quantization_closely() -> None:
     from deepsqueeze.runtime.executors.quantized import OrtQuantLinear, QuantForm
 

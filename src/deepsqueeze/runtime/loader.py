@@ -87,9 +87,11 @@ class RuntimeInfo:
                           f"{c.held_bytes[c.impl]:,}", f"{c.file_bytes:,}")
         for f in self.fused:
             times = ", ".join(f"{k} {v:.1f} µs" for k, v in f["time_us"].items())
+            what = (f"{len(f['layers'])} layers on {', '.join(f['impls'])}, whole model timed"
+                    if "impls" in f else f"{' → '.join(f['layers'])} as one kernel call")
             table.caption = (table.caption or "") + (
-                f"{f['name']}: {' → '.join(f['layers'])} as one kernel call "
-                f"({'kept' if f['kept'] else 'not kept'}; {times or 'untimed'})\n"
+                f"{f['name']}: {what} ({'kept' if f['kept'] else 'not kept'}; "
+                f"{f.get('reason') or times or 'untimed'})\n"
             )
         return table
 
@@ -259,6 +261,12 @@ def load_runtime(
     if leftover:
         raise DsqFormatError(f"{where}: no stored value for {leftover[:5]}")
     model.eval().requires_grad_(False)
+    chains: list[dict[str, Any]] = []
+    if tune:
+        chain = _chain_channels_last(model, layers, built, stored.meta_inputs(model, batch_size),
+                                     cache=cache, cached=cached, budget=budget, rounds=rounds)
+        if chain is not None:
+            chains.append(chain)
     chosen = {c.layer: c.impl for c in layers}
     kernel_linear: dict[str, KernelLinear] = {}  # what a fused chain would run for each layer
     for name, mods in built.items():
@@ -285,7 +293,7 @@ def load_runtime(
         threads=torch.get_num_threads(),
         kernel=kernel.path.name if kernel is not None else None,  # no machine paths
         layers=layers,
-        fused=fused,
+        fused=fused + chains,
     )
     setattr(model, INFO_ATTR, info)
     model.register_forward_pre_hook(_floating_inputs_as_fp32)
@@ -309,6 +317,75 @@ def runtime_info(model: nn.Module) -> RuntimeInfo:
     if not isinstance(info, RuntimeInfo):
         raise DeepSqueezeError("not a runtime model (load it with load_runtime)")
     return info
+
+
+CHANNELS_LAST_IMPLS = ("int8-onednn",)
+"""Executors whose output is channels-last and which read channels-last input without a copy:
+a chain of them saves layout copies that per-layer timing (contiguous inputs) cannot see."""
+
+
+def _chain_channels_last(
+    model: nn.Module,
+    layers: list[at.LayerChoice],
+    built: dict[str, dict[str, RuntimeLayer]],
+    meta_inputs: tuple[torch.Tensor, ...] | None,
+    *,
+    cache: bool,
+    cached: dict[str, Any],
+    budget: int | None,
+    rounds: int,
+) -> dict[str, Any] | None:
+    """Time the whole model with its per-layer choices against with every layer that has a
+    channels-last executor on it; keep the faster (in place). Returns the record, or None when
+    there is nothing to decide (fewer than two such layers, all already on it, no example
+    input)."""
+    able = [c for c in layers if any(i in built[c.layer] for i in CHANNELS_LAST_IMPLS)]
+    if len(able) < 2 or meta_inputs is None or all(c.impl in CHANNELS_LAST_IMPLS for c in able):
+        return None
+    pick = {c.layer: next(i for i in CHANNELS_LAST_IMPLS if i in built[c.layer]) for c in able}
+    before = {c.layer: c.impl for c in able}
+    record: dict[str, Any] = {"name": "channels-last chain", "layers": list(pick),
+                              "impls": sorted(set(pick.values())), "time_us": {},
+                              "kept": False}
+    extra = sum(built[n][i].held_bytes() - built[n][before[n]].held_bytes()
+                for n, i in pick.items())
+    if budget is not None and held_bytes(model) + extra > budget:
+        record["reason"] = "over the memory budget"
+        return record
+    keys = [c.key for c in able]
+    key = at.fused_key([*keys, "channels-last"], [], False) if all(keys) else None
+    hit = cached.get(key) if key else None
+    if isinstance(hit, dict) and set(hit.get("time_us", {})) == {"chain", "layers"}:
+        record["time_us"] = {k: float(v) for k, v in hit["time_us"].items()}
+    else:
+        gen = torch.Generator().manual_seed(0)
+        x = tuple(torch.randn(t.shape, generator=gen) if t.is_floating_point()
+                  else torch.zeros(t.shape, dtype=t.dtype) for t in meta_inputs)
+
+        def assign(impls: dict[str, str]) -> None:
+            for name, impl in impls.items():
+                model.set_submodule(name, built[name][impl])
+
+        def run(_first: torch.Tensor) -> Any:
+            return model(*x)
+
+        try:
+            layers_s = at.time_modules({"m": run}, x[0], rounds=rounds)["m"]
+            assign(pick)
+            chain_s = at.time_modules({"m": run}, x[0], rounds=rounds)["m"]
+        finally:
+            assign(before)
+        record["time_us"] = {"chain": chain_s * 1e6, "layers": layers_s * 1e6}
+        if key and cache:
+            at.save_cache({key: {"layers": list(pick), "time_us": record["time_us"]}})
+    record["kept"] = record["time_us"]["chain"] < record["time_us"]["layers"]
+    if record["kept"]:
+        for name, impl in pick.items():
+            model.set_submodule(name, built[name][impl])
+        for c in able:
+            c.impl = pick[c.layer]
+            c.source = "chain"
+    return record
 
 
 def _fuse(
