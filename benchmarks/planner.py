@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from deepsqueeze.analysis.planner import Finetune, TargetUnreachable, plan
+from deepsqueeze.analysis.sensitivity import SensitivityResult
 from deepsqueeze.analysis.split import load_splits
 from deepsqueeze.io import atomic_write, load_model
 from deepsqueeze.pipeline.session import spec_or_none
@@ -45,6 +46,8 @@ def main() -> None:
     ap.add_argument("--val-size", type=int, default=5000)
     ap.add_argument("--sensitivity-samples", type=int, default=None)
     ap.add_argument("--finetune-samples", type=int, default=None)
+    ap.add_argument("--reuse-sensitivity", type=Path, default=None,
+                    help="sensitivity.json of an earlier plan of the same model and split")
     ap.add_argument("--methods", default=None)
     ap.add_argument("--report", action="store_true", help="also write report.md/html")
     args = ap.parse_args()
@@ -64,7 +67,9 @@ def main() -> None:
                    finetune=Finetune(epochs=args.epochs), rounds=args.rounds,
                    model_name=spec.name if spec else args.name, dataset=args.dataset,
                    sensitivity_samples=args.sensitivity_samples,
-                   finetune_samples=args.finetune_samples, progress=print)
+                   finetune_samples=args.finetune_samples, progress=print,
+                   sensitivity=None if args.reuse_sensitivity is None else
+                   SensitivityResult.from_dict(json.loads(args.reuse_sensitivity.read_text())))
         record.update(res.to_dict())
         if res.best_round is not None:
             shutil.copyfile(out / "recipe.yaml", ROOT / "recipes" / f"plan-{args.name}.yaml")

@@ -726,6 +726,9 @@ def plan(
         help="Score the sensitivity sweep on this many validation samples.")] = None,
     finetune_samples: Annotated[int | None, typer.Option(
         help="Fine-tune on this many training samples (shorter epochs).")] = None,
+    reuse_sensitivity: Annotated[Path | None, typer.Option(
+        help="sensitivity.json of an earlier plan of the same model and split (skips the "
+             "sweep; checked to match).")] = None,
     data_dir: DataDir = None,
     progress: Progress = True,
 ) -> None:
@@ -737,6 +740,19 @@ def plan(
 
     check_output_dir(out)
     methods = _split_list(method)
+    reused = None
+    if reuse_sensitivity is not None:
+        from deepsqueeze.analysis.report import _read_json
+        from deepsqueeze.analysis.sensitivity import SensitivityResult
+
+        raw = _read_json(reuse_sensitivity)
+        if raw is None:
+            raise OptionError(f"--reuse-sensitivity {reuse_sensitivity}: no such file")
+        try:
+            reused = SensitivityResult.from_dict(raw)
+        except (TypeError, ValueError) as exc:
+            raise OptionError(f"--reuse-sensitivity {reuse_sensitivity}: not a sensitivity.json "
+                              f"({exc})") from exc
     model, name, fit_set, val_set, test_set = _analysis_inputs(model_file, dataset, val_size,
                                                                data_dir)
     try:
@@ -747,7 +763,7 @@ def plan(
             finetune=Finetune(epochs=epochs), rounds=rounds,
             model_name=_model_label(model, model_file), dataset=name,
             sensitivity_samples=sensitivity_samples, finetune_samples=finetune_samples,
-            progress=_progress_printer(progress),
+            progress=_progress_printer(progress), sensitivity=reused,
         )
     except TargetUnreachable as exc:
         err_console.print(_labelled("out of reach:", "bold red", str(exc)))

@@ -137,16 +137,27 @@ class PlanResult:
 # --------------------------------------------------------------------------------------------
 
 
+RECOVERED = 0.25
+"""Share of a one-shot harm that remains after a stage's fine-tuning (module-replacing,
+pruning and codebook stages fine-tune; post-training quantization does not, so its harm stays
+whole). Without it the knapsack took a 2-bit post-training quantization of lenet5's conv2 (small
+one-shot loss, never recovered) over pruning + sharing (larger one-shot loss, recovered by
+fine-tuning) and the plan lost 0.9 points."""
+
+
 def harm(p: Point) -> float:
     """What the knapsack minimizes for one point: its validation loss increase (nats) where
-    measured, else its accuracy drop as a fraction; negative values (noise) count as zero.
+    measured, else its accuracy drop as a fraction; negative values (noise) count as zero;
+    scaled by :data:`RECOVERED` when every method of the option fine-tunes in a plan.
 
     Summed across layers, the loss increase predicts the joint harm far better than the summed
     accuracy drop, which reads 0.0 for every option that changes fewer predictions than one
     sample's worth on the sensitivity split and so lets the cheapest option of every layer
     look free."""
     value = p.loss_increase if p.loss_increase is not None else (p.drop_points or 0.0) / 100
-    return max(value, 0.0)
+    tuned = bool(p.option) and all(SWEEPS[s["method"]].finetune for s in p.option
+                                   if s.get("method") in SWEEPS)
+    return max(value, 0.0) * (RECOVERED if tuned else 1.0)
 
 
 def _bytes(p: Point) -> float:
@@ -288,6 +299,7 @@ def plan(
     test_data: ImageDataset | None = None,
     target_latency_ms: float | None = None,
     latency_batch: int = 1,
+    sensitivity: SensitivityResult | None = None,
     methods: Sequence[str] | None = None,
     finetune: Finetune | None = None,
     rounds: int = 3,
@@ -309,6 +321,9 @@ def plan(
     ``sensitivity_samples``: score the sensitivity sweep on this many validation samples
     (stratified; the final check always uses the whole split); ``finetune_samples``: fine-tune
     on this many samples of the training part (shorter epochs on a slow machine).
+    ``sensitivity``: reuse the sweep of an earlier plan of the same model on the same split
+    (its ``sensitivity.json``, :meth:`SensitivityResult.from_dict`); it is checked to cover the
+    same layers and sample count and to record the same baseline accuracy.
     """
     from deepsqueeze.outputs import check_output_dir
     from deepsqueeze.pipeline import compress
@@ -383,19 +398,24 @@ def plan(
         lat_budget = 1000 * target_latency_ms - lat_overhead
 
     # 1. sensitivity of each layer alone (validation split, real bytes)
-    say(f"sensitivity: {len(layers)} layers x {len(options)} options")
     t0 = time.perf_counter()
     ref = TensorBytes(model)
-    sens_base, dense, points = measure(model, sens_val, layers, options, progress=say,
-                                       bytes_cache=ref, latency_input=lat_x)
-    sens = SensitivityResult(
-        model=name, dataset=val_data.name, val_samples=len(sens_val),
-        baseline_accuracy=sens_base,
-        layers=layers, dense_layer_bytes=dense, points=points,
-        seconds=time.perf_counter() - t0,
-        settings={n: {"knob": s.knob, "settings": list(s.settings), "label": s.label}
-                  for n, s in sweeps.items()},
-    )
+    if sensitivity is not None:
+        sens = _reusable(sensitivity, model, sens_val, layers, lat_x is not None)
+        say(f"sensitivity: reusing {len(sens.points)} measured points")
+        sens_base, dense, points = sens.baseline_accuracy, sens.dense_layer_bytes, sens.points
+    else:
+        say(f"sensitivity: {len(layers)} layers x {len(options)} options")
+        sens_base, dense, points = measure(model, sens_val, layers, options, progress=say,
+                                           bytes_cache=ref, latency_input=lat_x)
+        sens = SensitivityResult(
+            model=name, dataset=val_data.name, val_samples=len(sens_val),
+            baseline_accuracy=sens_base,
+            layers=layers, dense_layer_bytes=dense, points=points,
+            seconds=time.perf_counter() - t0,
+            settings={n: {"knob": s.knob, "settings": list(s.settings), "label": s.label}
+                      for n, s in sweeps.items()},
+        )
     _write_json(out / "sensitivity.json", sens.to_dict())
     sens.plot(out / "sensitivity.png")
     base = accuracy_and_loss(model, val_data.normalized(), val_data.labels).accuracy
@@ -558,6 +578,25 @@ def plan(
     result.seconds = time.perf_counter() - t_start
     _write_json(out / "plan.json", result.to_dict())
     return result
+
+
+def _reusable(sens: SensitivityResult, model: nn.Module, val: ImageDataset,
+              layers: list[str], latency: bool) -> SensitivityResult:
+    """``sens`` if it was measured on this model's layers and this split; OptionError saying
+    what differs otherwise."""
+    if list(sens.layers) != layers or sens.val_samples != len(val):
+        raise OptionError(
+            f"the reused sensitivity covers layers {sens.layers} on {sens.val_samples} samples; "
+            f"this plan sweeps {layers} on {len(val)}: measure it again")
+    base = accuracy_and_loss(model, val.normalized(), val.labels).accuracy
+    if abs(base - sens.baseline_accuracy) > 1e-9:
+        raise OptionError(
+            f"the reused sensitivity was measured on a model scoring {sens.baseline_accuracy:.4%} "
+            f"on the split, this one scores {base:.4%}: a different model or split")
+    if latency and any(p.latency_us is None for p in sens.points if p.error is None):
+        raise OptionError("the reused sensitivity holds no latencies; a latency target needs "
+                          "them measured (run without reusing it)")
+    return sens
 
 
 def _as_option(p: Point) -> Option:
