@@ -117,6 +117,32 @@ def test_knapsack_minimizes_the_loss_increase_where_accuracy_cannot_tell():
     assert (chosen["a"].bytes, chosen["b"].bytes) == (50, 30) and nbytes == 80
     assert drop == 0.0
     assert harm(pt("a", 1, -0.5)) == 0.0  # noise below the baseline is no gain
+    # a post-training option keeps its whole harm; a fine-tuned one is expected to recover
+    ptq = Point("a", [{"method": "quantize", "setting": 2}], "q", 0.9, 0.0, 1, 100, 0.0,
+                loss_increase=0.2)
+    assert harm(ptq) == pytest.approx(0.2) and harm(pt("a", 1, 0.2)) == pytest.approx(0.05)
+
+
+def test_plan_reuses_a_matching_sensitivity_and_refuses_another(tiny, splits, tmp_path):
+    from deepsqueeze.analysis.sensitivity import SensitivityResult
+
+    fit, val, _ = splits
+    first = plan(tiny, fit, val, tmp_path / "a", target_ratio=4, max_drop=50.0,
+                 methods=["prune"], finetune=Finetune(epochs=0.1), rounds=1,
+                 model_name="tiny", sensitivity_samples=100)
+    sens = SensitivityResult.from_dict(json.loads((tmp_path / "a" / "sensitivity.json")
+                                                  .read_text()))
+    again = plan(tiny, fit, val, tmp_path / "b", target_ratio=4, max_drop=50.0,
+                 methods=["prune"], finetune=Finetune(epochs=0.1), rounds=1,
+                 model_name="tiny", sensitivity_samples=100, sensitivity=sens)
+    assert [c.label for c in again.rounds[0].choices] == [c.label for c in first.rounds[0].choices]
+    with pytest.raises(OptionError, match="measure it again"):
+        plan(tiny, fit, val, tmp_path / "c", target_ratio=4, methods=["prune"],
+             sensitivity_samples=50, sensitivity=sens)
+    other = TinyMLP()  # same layers, different weights
+    with pytest.raises(OptionError, match="a different model or split"):
+        plan(other, fit, val, tmp_path / "d", target_ratio=4, methods=["prune"],
+             sensitivity_samples=100, sensitivity=sens)
 
 
 def test_plan_meets_a_byte_budget(tiny, splits, tmp_path):
