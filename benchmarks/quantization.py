@@ -58,6 +58,9 @@ MODELS = {  # model/dataset -> epochs of the short fp32 baseline trained when mi
 VARIANTS = ("fp32", "fp16", "int8-ptq", "int8-qat", "int4-qat")
 BACKENDS = ("runtime", "onnxruntime", "pytorch")
 CALIBRATION = {"batches": 16, "batch_size": 64, "method": "percentile", "percentile": 99.99}
+REDUCE_RANGE = {"reduce_range": True}
+"""int8 inputs in 0..127, what the runtime's int8-onednn executor (PyTorch's x86 int8 kernels)
+needs to be exact on a CPU without VNNI; ``--no-reduce-range`` for 8-bit inputs."""
 
 
 def baseline(model: str, dataset: str) -> Path:
@@ -88,13 +91,14 @@ def make_files(model: str, dataset: str, qat_epochs: float, out: Path,
                          "top1": top1(deepsqueeze.load(path), dataset)}
     stages = {
         "int8-ptq": {"method": "quantize",
-                     "params": {"bits": 8, "calibration": {"dataset": dataset, **CALIBRATION}}},
+                     "params": {"bits": 8, **REDUCE_RANGE,
+                                "calibration": {"dataset": dataset, **CALIBRATION}}},
         "int8-qat": {"method": "qat", "params": {
-            "bits": 8, "calibration": {"dataset": dataset, **CALIBRATION}},
+            "bits": 8, **REDUCE_RANGE, "calibration": {"dataset": dataset, **CALIBRATION}},
             "finetune": {"epochs": qat_epochs, "lr": 0.002, "weight_decay": 0.0,
                          "lr_schedule": "cosine"}},
         "int4-qat": {"method": "qat", "params": {
-            "bits": 4, "calibration": {"dataset": dataset, **CALIBRATION}},
+            "bits": 4, **REDUCE_RANGE, "calibration": {"dataset": dataset, **CALIBRATION}},
             "finetune": {"epochs": qat_epochs, "lr": 0.002, "weight_decay": 0.0,
                          "lr_schedule": "cosine"}},
     }
@@ -220,7 +224,8 @@ class _SavePruned:
         self.bytes = self.path.stat().st_size
 
 
-def run_pipeline(key: str, subset: int | None, prune_epochs: float) -> dict[str, Any]:
+def run_pipeline(key: str, subset: int | None, prune_epochs: float,
+                 sparsity: float | None = None) -> dict[str, Any]:
     """Prune (polynomial decay) -> int8 -> our entropy coding: accuracy and bytes per step."""
     import yaml
 
@@ -230,11 +235,14 @@ def run_pipeline(key: str, subset: int | None, prune_epochs: float) -> dict[str,
     recipe = yaml.safe_load((ROOT / PIPELINES[key]).read_text())
     stage = recipe["stages"][0]
     stage["finetune"]["epochs"] = prune_epochs
+    if sparsity is not None:
+        stage["params"]["sparsity"] = sparsity
+    recipe["stages"][1]["params"].update(REDUCE_RANGE)
     samples = subset or len(load_dataset(dataset, "train"))
     steps = int(prune_epochs * samples / stage["finetune"]["batch_size"])
     end = max(2, int(0.6 * steps))  # the last 40 % of the steps recover at the final sparsity
     stage["params"]["schedule"].update(end_step=end, frequency=max(1, end // 8))
-    out = RUNS / f"{model}-{dataset}-pipeline"
+    out = RUNS / f"{model}-{dataset}-pipeline-{stage['params']['sparsity']:g}"
     out.mkdir(parents=True, exist_ok=True)
     base = baseline(model, dataset)
     fp32 = load_model(base)
@@ -264,6 +272,7 @@ def run_pipeline(key: str, subset: int | None, prune_epochs: float) -> dict[str,
     for row in steps_out:
         row["ratio_vs_fp32"] = dense / row["bytes"] if row["bytes"] else None
     return {"model": model, "dataset": dataset, "recipe": PIPELINES[key],
+            "sparsity": stage["params"]["sparsity"], "int8_params": recipe["stages"][1]["params"],
             "prune_epochs": prune_epochs, "train_subset": subset,
             "schedule": stage["params"]["schedule"], **_baseline_facts(model, dataset),
             "seconds": round(time.perf_counter() - t0, 1), "steps": steps_out,
@@ -317,22 +326,28 @@ def main() -> None:
     parser.add_argument("--pipeline", action="append", choices=list(PIPELINES),
                         help="run the seed's prune -> int8 -> entropy coding pipeline instead")
     parser.add_argument("--prune-epochs", type=float, default=2.0)
+    parser.add_argument("--sparsity", type=float, action="append",
+                        help="pipeline sparsity (repeatable; default: the recipe's)")
+    parser.add_argument("--no-reduce-range", action="store_true",
+                        help="8-bit int8 inputs (0..255) instead of 7-bit")
     parser.add_argument("--variants", action="append", choices=[v for v in VARIANTS
                                                                 if v not in ("fp32", "fp16")],
                         help="quantized variants to make (repeatable; default all; fp32 and "
                              "fp16 always)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.no_reduce_range:
+        REDUCE_RANGE.clear()
     # subnormals flushed to zero for every backend alike (this thread's FTZ/DAZ flags, which
     # onnxruntime and PyTorch both compute under): without it, onnxruntime's int8 graphs ran 1.5
     # to 9.6 ms at batch 256 on LeNet-300-100 depending on which values turned subnormal
     torch.set_flush_denormal(True)
     if args.pipeline:
         results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"models": {}}
-        for key in args.pipeline:
-            entry = run_pipeline(key, args.subset, args.prune_epochs)
+        for key, sparsity in [(k, sp) for k in args.pipeline for sp in args.sparsity or [None]]:
+            entry = run_pipeline(key, args.subset, args.prune_epochs, sparsity)
             entry["threads"] = args.threads
-            results.setdefault("pipelines", {})[key] = entry
+            results.setdefault("pipelines", {})[f"{key}@{entry['sparsity']:g}"] = entry
             with atomic_write(RESULTS, "w") as fh:
                 json.dump(results, fh, indent=1)
             print(json.dumps(entry, indent=1))

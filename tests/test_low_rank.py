@@ -174,6 +174,34 @@ def test_slr_masks_follow_the_rule() -> None:
     assert full_a.all() and full_b.all()
 
 
+def test_refit_keeps_the_masks_and_never_raises_the_error() -> None:
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(20, 30, generator=g) @ torch.diag(torch.linspace(2, 0.1, 30))
+    u, s, vh = LR.svd(w)
+    a, b = LR.split_factors(u, s, vh, 8)
+    mask_a, mask_b = LR.slr_masks(8, torch.rand(20, generator=g), torch.rand(30, generator=g),
+                                  sr=0.5, rr=0.5)
+    masked = float(torch.linalg.norm(w - (a * mask_a) @ (b * mask_b)))
+    errors = [masked]
+    for rounds in (1, 3, 10):
+        ra, rb = LR.refit_masked(w, a * mask_a, b * mask_b, mask_a, mask_b, rounds)
+        assert not ra[~mask_a].any() and not rb[~mask_b].any()  # zeros stay zeros
+        errors.append(float(torch.linalg.norm(w - ra @ rb)))
+    assert all(e2 <= e1 + 1e-5 for e1, e2 in itertools.pairwise(errors))
+    assert errors[-1] < 0.97 * masked  # the kept components took up part of the dropped ones
+    plain = float(torch.linalg.norm(w - a @ b))  # the unmasked rank-8 optimum stays a bound
+    assert errors[-1] >= plain - 1e-5
+
+
+def test_slr_reports_the_refit(tmp_path: Path) -> None:
+    model = _mlp()
+    method = _apply(model, "sparse-svd", rank=5, sr=0.5, rr=0.6)
+    rep = method.report["0"]
+    assert rep["relative_error_refit"] <= rep["relative_error_masked"] + 1e-6
+    paper = _apply(_mlp(), "sparse-svd", rank=5, sr=0.5, rr=0.6, refit=0)
+    assert paper.report["0"]["relative_error_refit"] == paper.report["0"]["relative_error_masked"]
+
+
 def test_slr_with_sr_zero_equals_plain_svd() -> None:
     x = torch.randn(7, 12)
     plain, sparse = _mlp(), _mlp()

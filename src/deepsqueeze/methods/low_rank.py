@@ -408,6 +408,50 @@ _IMPORTANCE = {"w": "weight", "a": "activation", "c": "loss",
                "weight": "weight", "activation": "activation", "loss": "loss"}
 
 
+def refit_masked(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, mask_a: torch.Tensor,
+                 mask_b: torch.Tensor, rounds: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Refit factors ``A`` (m × k) and ``B`` (k × n) whose zeros are fixed by the masks to ``W``:
+    ``rounds`` of alternating least squares on ``‖W − A·B‖_F`` (each row of ``A`` and column of
+    ``B`` solved exactly on its kept components, in float64), which never increases the error.
+
+    Masking the truncated SVD's factors (SLR's rule) leaves the components an unimportant
+    neuron keeps as they were; refitting lets them take up part of what the dropped ones
+    carried. Rows (columns) with the same support are solved together: SLR has two supports."""
+    w64, a64, b64 = w.detach().double(), a.detach().double(), b.detach().double()
+    ma, mb = mask_a.to(a64.device), mask_b.to(b64.device)
+    ridge = 1e-10 * float((w64 ** 2).sum()) / max(1, min(w64.shape)) + 1e-30
+
+    def solve(gram: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+        eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+        return torch.linalg.solve(gram + ridge * eye, rhs)
+
+    for _ in range(rounds):
+        for support in torch.unique(ma, dim=0):  # rows of A sharing a support
+            rows = (ma == support).all(dim=1)
+            keep = support.nonzero().flatten()
+            if keep.numel() == 0:
+                continue
+            bs = b64[keep]  # kept components x n
+            a64[rows] = 0.0
+            a64[rows.nonzero().flatten()[:, None], keep[None, :]] = solve(
+                bs @ bs.T, bs @ w64[rows].T).T
+        for support in torch.unique(mb, dim=1).T:  # columns of B sharing a support
+            cols = (mb == support[:, None]).all(dim=0)
+            keep = support.nonzero().flatten()
+            if keep.numel() == 0:
+                continue
+            ak = a64[:, keep]  # m x kept components
+            b64[:, cols] = 0.0
+            b64[keep[:, None], cols.nonzero().flatten()[None, :]] = solve(ak.T @ ak,
+                                                                        ak.T @ w64[:, cols])
+    # balance each component's scale between the factors (as split_factors does): ALS may
+    # leave A large and B small, which fine-tuning at a normal learning rate does not survive
+    na, nb = a64.norm(dim=0), b64.norm(dim=1)
+    scale = torch.where((na > 0) & (nb > 0), (nb / na.clamp_min(1e-300)).sqrt(),
+                        torch.ones_like(na))
+    return (a64 * scale).to(a.dtype), (b64 / scale[:, None]).to(b.dtype)
+
+
 class SparseSVDParams(RankParams):
     """Parameters of ``sparse-svd``: the rank rule, then ``sr``, ``rr`` and the importance."""
 
@@ -418,6 +462,9 @@ class SparseSVDParams(RankParams):
     importance: Literal["weight", "activation", "loss", "w", "a", "c"] = Field(
         "weight", description="SLR-w |W| sums, SLR-a mean |activation|, SLR-c |Δloss|"
     )
+    refit: int = Field(10, ge=0, le=1000, description=(
+        "rounds of alternating least squares refitting the masked factors to W (0: the "
+        "paper's rule, the SVD factors masked as they are)"))
     calibration: Calibration | None = Field(
         None, description="data for importance activation/loss (or call set_data)"
     )
@@ -546,16 +593,23 @@ class SparseSVD(Method):
             k = choose_rank(s, rows, cols, **rules[name])
             out_scores, in_scores = scores[name]
             mask_a, mask_b = slr_masks(k, out_scores, in_scores, p.sr, p.rr)
+            a, b = split_factors(u, s, vh, k)
+            before = float(torch.linalg.norm(mod.weight.detach() - (a * mask_a) @ (b * mask_b)))
+            after = before
+            if p.refit and not (bool(mask_a.all()) and bool(mask_b.all())):
+                a, b = refit_masked(mod.weight, a * mask_a, b * mask_b, mask_a, mask_b, p.refit)
+                after = float(torch.linalg.norm(mod.weight.detach() - a @ b))
             new = _fill_linear(
-                _like(LowRankLinear(cols, rows, k, mod.bias is not None), mod),
-                mod, *split_factors(u, s, vh, k),
-            )
+                _like(LowRankLinear(cols, rows, k, mod.bias is not None), mod), mod, a, b)
             set_mask(new.second, mask_a.to(new.second.weight.device))
             set_mask(new.first, mask_b.to(new.first.weight.device))
             replace_module(model, name, new)
             kept = int(mask_a.sum()) + int(mask_b.sum())
+            norm = float(torch.linalg.norm(mod.weight.detach())) or 1.0
             self.report[name] = {**_stats(rows, cols, k, s), "weights_after": kept,
-                                 "reduced_rank": k - round(p.rr * k)}
+                                 "reduced_rank": k - round(p.rr * k),
+                                 "relative_error_masked": before / norm,
+                                 "relative_error_refit": after / norm}
 
 
 def weight_importance(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
