@@ -39,7 +39,11 @@ def main() -> None:
     ap.add_argument("model", type=Path, help="a trained model.pt (train --subset N --seed 0)")
     ap.add_argument("--name", required=True)
     ap.add_argument("--dataset", default="mnist")
-    ap.add_argument("--target-ratio", type=float, default=100.0)
+    ap.add_argument("--target-ratio", type=float, default=None,
+                    help="default 100 unless --target-latency is given")
+    ap.add_argument("--target-latency", type=float, default=None,
+                    help="milliseconds in the runtime at --latency-batch")
+    ap.add_argument("--latency-batch", type=int, default=1)
     ap.add_argument("--max-drop", type=float, default=0.3)
     ap.add_argument("--epochs", type=float, default=2.0)
     ap.add_argument("--rounds", type=int, default=3)
@@ -51,6 +55,8 @@ def main() -> None:
     ap.add_argument("--methods", default=None)
     ap.add_argument("--report", action="store_true", help="also write report.md/html")
     args = ap.parse_args()
+    if args.target_ratio is None and args.target_latency is None:
+        args.target_ratio = 100.0
     torch.set_num_threads(1)
     load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
@@ -62,6 +68,7 @@ def main() -> None:
                                 for k, v in vars(args).items()}}
     try:
         res = plan(model, fit, val, out, target_ratio=args.target_ratio,
+                   target_latency_ms=args.target_latency, latency_batch=args.latency_batch,
                    max_drop=args.max_drop, test_data=test,
                    methods=args.methods.split(",") if args.methods else None,
                    finetune=Finetune(epochs=args.epochs), rounds=args.rounds,

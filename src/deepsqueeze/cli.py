@@ -415,7 +415,8 @@ def compress(
     data: UserDataOpt = None,
     image_size: ImageSize = None,
 ) -> None:
-    """Run a recipe (prune → fine-tune → share → fine-tune → encode) and write a .dsq file.
+    """Run a recipe (prune → fine-tune → share → fine-tune → encode) and write a .dsq file,
+    with its numbers and recipe beside it (<stem>.json, <stem>.recipe.yaml) for `report`.
 
     Your own model: --model-code builds its skeleton, which model.pt's weights fill; your own
     data: --data (fine-tuning on its training split, scores on its test or validation split)."""
