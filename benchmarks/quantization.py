@@ -279,6 +279,18 @@ def run_pipeline(key: str, subset: int | None, prune_epochs: float,
             "seed_reference": "TFLite pruning 60-70 % + int8: about 1.8x smaller files"}
 
 
+def _merge_write(update: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Re-read the results file, set the entries of ``update`` and write it back (atomically):
+    several runs of this script (a model here, a pipeline there) may share the file."""
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    for section, entries in update.items():
+        results.setdefault(section, {}).update(entries)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(RESULTS, "w") as fh:
+        json.dump(results, fh, indent=1)
+    return results
+
+
 def plot(results: dict[str, Any]) -> None:
     import matplotlib
 
@@ -343,20 +355,17 @@ def main() -> None:
     # to 9.6 ms at batch 256 on LeNet-300-100 depending on which values turned subnormal
     torch.set_flush_denormal(True)
     if args.pipeline:
-        results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"models": {}}
         for key, sparsity in [(k, sp) for k in args.pipeline for sp in args.sparsity or [None]]:
             entry = run_pipeline(key, args.subset, args.prune_epochs, sparsity)
             entry["threads"] = args.threads
-            results.setdefault("pipelines", {})[f"{key}@{entry['sparsity']:g}"] = entry
-            with atomic_write(RESULTS, "w") as fh:
-                json.dump(results, fh, indent=1)
+            _merge_write({"pipelines": {f"{key}@{entry['sparsity']:g}": entry}})
             print(json.dumps(entry, indent=1))
         return
     chosen = [k for k in MODELS if not args.only or k in args.only]
     unknown = [k for k in args.only or [] if k not in MODELS]
     if unknown:
         sys.exit(f"unknown --only {unknown}; known: {list(MODELS)}")
-    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"models": {}}
+    results: dict[str, Any] = {}
     for key in chosen:
         t0 = time.perf_counter()
         entry = run_model(key, args.qat_epochs, args.runs, args.subset,
@@ -365,12 +374,10 @@ def main() -> None:
         entry["threads"] = args.threads
         entry["machine"] = {"cpu": platform.processor() or platform.machine(),
                             "torch": torch.__version__}
-        results["models"][key] = entry
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_write(RESULTS, "w") as fh:
-            json.dump(results, fh, indent=1)
+        results = _merge_write({"models": {key: entry}})
         print(json.dumps({k: v for k, v in entry.items() if k != "speed_batch1"}, indent=1)[:3000])
-    plot(results)
+    if results:
+        plot(results)
 
 
 if __name__ == "__main__":
