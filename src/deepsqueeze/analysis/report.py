@@ -256,7 +256,8 @@ def build_report(
         "test_top1": ev.top1_accuracy, "file_bytes": info.file_bytes,
         "compression": info.compression, "parameters": ev.parameters,
         "nonzero_parameters": ev.nonzero_parameters, "macs_per_sample": ev.macs_per_sample,
-        "energy": energy.to_dict(), "bench": bench_report.to_dict(),
+        "energy": energy.to_dict(),
+        "bench": {**bench_report.to_dict(), "path": path.name},  # no machine paths
         "layers": info.to_dict()["layers"],
     }
     _write_text(folder / "report.json", json.dumps(data, indent=2, default=str))

@@ -64,7 +64,9 @@ class RuntimeInfo:
         return {c.layer: c.impl for c in self.layers}
 
     def to_dict(self) -> dict[str, Any]:
+        """As JSON; ``source`` is the file's name only (records hold no machine paths)."""
         d = asdict(self)
+        d["source"] = Path(self.source).name if self.source else self.source
         d["held_vs_file"] = self.held_vs_file
         return d
 
