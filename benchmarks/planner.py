@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -79,7 +78,14 @@ def main() -> None:
                    SensitivityResult.from_dict(json.loads(args.reuse_sensitivity.read_text())))
         record.update(res.to_dict())
         if res.best_round is not None:
-            shutil.copyfile(out / "recipe.yaml", ROOT / "recipes" / f"plan-{args.name}.yaml")
+            best = res.best_round
+            head = (f"# Found by benchmarks/planner.py (deepsqueeze plan) for {args.name}: "
+                    f"{best.compression:.1f}x ({best.file_bytes:,} B), validation drop "
+                    f"{best.val_drop_points:+.2f} points, round {best.round}; target "
+                    f"{'reached' if res.reached else 'NOT reached'}.\n"
+                    f"# Numbers: benchmarks/results/planner-{args.name}.json\n")
+            (ROOT / "recipes" / f"plan-{args.name}.yaml").write_text(
+                head + (out / "recipe.yaml").read_text())
     except TargetUnreachable as exc:
         record.update({"reached": False, "message": str(exc)})
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,

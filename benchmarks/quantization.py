@@ -53,7 +53,7 @@ RUNS = ROOT / "runs" / "quantization"
 MODELS = {  # model/dataset -> epochs of the short fp32 baseline trained when missing
     "lenet300/mnist": 6,
     "lenet5/mnist": 2,
-    "resnet20/fashion-mnist": 2,
+    "resnet20/fashion-mnist": 5,
 }
 VARIANTS = ("fp32", "fp16", "int8-ptq", "int8-qat", "int4-qat")
 BACKENDS = ("runtime", "onnxruntime", "pytorch")
