@@ -143,8 +143,10 @@ def run_lenet5(args: argparse.Namespace) -> dict[str, Any]:
     variants = [("svd", "svd", {}, args.svd_energies)]
     for imp in ("w", "a", "c"):
         for sr, rr in args.slr_rates:
-            variants.append((f"slr-{imp} sr={sr} rr={rr}", "sparse-svd",
-                             {"sr": sr, "rr": rr, "importance": imp}, args.slr_energies))
+            for refit in args.slr_refits:
+                variants.append((f"slr-{imp} sr={sr} rr={rr} refit={refit}", "sparse-svd",
+                                 {"sr": sr, "rr": rr, "importance": imp, "refit": refit},
+                                 args.slr_energies))
     points: list[dict[str, Any]] = []
     head = {
         "model": "lenet5-classic", "dataset": "mnist", "dense_accuracy": base_acc,
@@ -424,6 +426,8 @@ def main() -> None:
                         default=[0.8, 0.9, 0.95])
     parser.add_argument("--slr-rates", type=lambda s: tuple(float(v) for v in s.split(",")),
                         nargs="+", default=[(0.5, 0.5), (0.25, 0.5)], help="sr,rr pairs")
+    parser.add_argument("--slr-refits", type=int, nargs="+", default=[10],
+                        help="sparse-svd refit rounds to compare (0: the paper's plain masking)")
     parser.add_argument("--finetune-epochs", type=float, default=0.5)
     parser.add_argument("--finetune-lr", type=float, default=0.005)
     parser.add_argument("--calibration", type=int, default=1000)
