@@ -287,6 +287,50 @@ def test_tucker_ranks_by_energy_and_default_layers() -> None:
     assert LR.mode_ranks_by_energy(w, 1.0) == (3, 2)
 
 
+@pytest.mark.parametrize("geometry", [dict(kernel_size=3, padding=1),
+                                      dict(kernel_size=(3, 5), stride=(2, 1), padding=(1, 2)),
+                                      dict(kernel_size=3, dilation=2, padding=2)])
+def test_cp_recovers_an_exact_rank_r_kernel_and_runs_as_its_kernel(
+        geometry: dict[str, Any]) -> None:
+    from deepsqueeze.models.low_rank import CPConv2d
+
+    g = torch.Generator().manual_seed(2)
+    conv = nn.Conv2d(6, 8, **geometry)
+    kh, kw = conv.kernel_size
+    a, b, v, h = (torch.randn(n, 4, generator=g) for n in (8, 6, kh, kw))
+    with torch.no_grad():
+        conv.weight.copy_(torch.einsum("or,cr,ir,jr->ocij", a, b, v, h))
+    new = LR.cp_conv(conv, 4)
+    assert isinstance(new, CPConv2d) and new.rank == 4
+    w = conv.weight.detach()
+    assert float(torch.linalg.norm(new.dense_weight().detach() - w) / torch.linalg.norm(w)) < 1e-4
+    x = torch.randn(2, 6, 13, 11)
+    with torch.no_grad():
+        torch.testing.assert_close(new(x), conv(x), atol=1e-3, rtol=1e-3)
+        torch.testing.assert_close(
+            new(x), F.conv2d(x, new.dense_weight(), conv.bias, conv.stride, conv.padding,
+                             conv.dilation), atol=1e-4, rtol=1e-4)
+
+
+def test_cp_method_rank_by_ratio_and_error_falls_with_rank() -> None:
+    model = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 8, 1))
+    method = _apply(model, "cp", ratio=4)
+    rep = method.report["0"]
+    assert isinstance(model[2], nn.Conv2d)  # 1×1 convolutions are left alone
+    assert rep["weights_after"] <= rep["weights_before"] / 4
+    assert rep["rank"] == (32 * 16 * 9 // 4) // (16 + 32 + 3 + 3)
+    errors = []
+    for rank in (2, 8, 32):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1))
+        errors.append(_apply(net, "cp", rank=rank).report["0"]["relative_error"])
+    assert errors[0] > errors[1] > errors[2]
+    for bad, message in (({}, "exactly one of"), ({"rank": 4, "ratio": 2}, "exactly one of"),
+                         ({"ratio": 1.0}, "ratio must be > 1"), ({"rank": 0}, "positive")):
+        with pytest.raises(RecipeError, match=message):
+            create_method("cp", **bad)
+
+
 # ------------------------------------------------------------------------------- file, runtime
 
 
@@ -298,7 +342,7 @@ def _lenet300_low_rank(seed: int = 0) -> nn.Module:
     return model
 
 
-@pytest.mark.parametrize("build", ["svd", "sparse-svd", "tucker", "svd-prune-share"])
+@pytest.mark.parametrize("build", ["svd", "sparse-svd", "tucker", "cp", "svd-prune-share"])
 def test_dsq_round_trip_and_runtime_equal_the_model(tmp_path: Path, build: str) -> None:
     torch.manual_seed(0)
     model = models.create("lenet5-classic")
@@ -308,6 +352,8 @@ def test_dsq_round_trip_and_runtime_equal_the_model(tmp_path: Path, build: str) 
         _apply(model, "sparse-svd", energy=0.8, sr=0.5, rr=0.5)
     elif build == "tucker":
         _apply(model, "tucker", rank=[3, 8])
+    elif build == "cp":
+        _apply(model, "cp", ratio=4)
     else:
         _apply(model, "svd", rank=20, layers=["fc1", "fc2"])
         _apply(model, "prune", sparsity=0.8, layers=["fc1.*", "fc2.*"])

@@ -19,6 +19,7 @@ its smallest lossless encoding.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -31,7 +32,7 @@ from torch.nn.utils import parametrize
 from deepsqueeze.errors import ModelError, RecipeError
 from deepsqueeze.methods.base import Method, MethodParams, per_layer, register_method
 from deepsqueeze.methods.pruning import set_mask
-from deepsqueeze.models.low_rank import LowRankConv2d, LowRankLinear, TuckerConv2d
+from deepsqueeze.models.low_rank import CPConv2d, LowRankConv2d, LowRankLinear, TuckerConv2d
 from deepsqueeze.models.state import replace_module
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -227,6 +228,48 @@ def tucker_conv(conv: nn.Conv2d, rank_in: int, rank_out: int, n_iter_max: int = 
         assert new.last.bias is not None
         _set(new.last.bias, conv.bias.detach())
     return new
+
+
+def cp_conv(conv: nn.Conv2d, rank: int, n_iter_max: int = 200) -> CPConv2d:
+    """Rank-``rank`` CP of ``conv``'s O×C×kh×kw kernel by tensorly's ALS (``parafac``, SVD
+    initialization, float64), as :class:`CPConv2d`; each component's scale is spread evenly
+    over its four factors."""
+    import tensorly
+    from tensorly.decomposition import parafac
+
+    _check_conv(conv, type(conv).__name__, "cp")
+    w = conv.weight.detach().to(torch.float64).cpu().numpy()
+    tensorly.set_backend("numpy")
+    with warnings.catch_warnings():  # a rank above a mode's size: tensorly pads its SVD init
+        warnings.filterwarnings("ignore", message="Trying to compute SVD with n_eigenvecs")
+        weights, (f_out, f_in, f_h, f_w) = parafac(w, rank=rank, n_iter_max=n_iter_max,
+                                                   init="svd", random_state=0,
+                                                   normalize_factors=True)
+    factors = [torch.from_numpy(f).clone() for f in (f_out, f_in, f_h, f_w)]  # each dim × R
+    lam = torch.from_numpy(weights).clone()
+    sign = torch.sign(lam)
+    root = lam.abs().pow(0.25)
+    factors = [f * root for f in factors]
+    factors[0] = factors[0] * torch.where(sign == 0, torch.ones_like(sign), sign)
+    new = _like(CPConv2d(conv.in_channels, conv.out_channels, rank, conv.kernel_size,
+                         stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
+                         bias=conv.bias is not None), conv)
+    kh, kw = new.kernel_size
+    _set(new.last.weight, factors[0].reshape(conv.out_channels, rank, 1, 1))
+    _set(new.first.weight, factors[1].t().reshape(rank, conv.in_channels, 1, 1))
+    _set(new.vertical.weight, factors[2].t().reshape(rank, 1, kh, 1))
+    _set(new.horizontal.weight, factors[3].t().reshape(rank, 1, 1, kw))
+    if conv.bias is not None:
+        assert new.last.bias is not None
+        _set(new.last.bias, conv.bias.detach())
+    return new
+
+
+def cp_rank_for_ratio(conv: nn.Conv2d, ratio: float) -> int:
+    """The largest CP rank whose factors hold at most ``1 / ratio`` of the kernel's weights."""
+    kh, kw = conv.kernel_size
+    per = conv.in_channels + conv.out_channels + kh + kw
+    return max(1, int(conv.weight.numel() / ratio) // per)
 
 
 # --------------------------------------------------------------------------------------------
@@ -830,9 +873,100 @@ class Tucker(Method):
             }
 
 
+# --------------------------------------------------------------------------------------------
+# cp
+# --------------------------------------------------------------------------------------------
+
+
+class CPParams(MethodParams):
+    """Parameters of ``cp``: the rank given, or chosen by the parameter reduction ``ratio``."""
+
+    rank: int | dict[str, int] | None = Field(None, description="CP rank R per layer")
+    ratio: Scalar | None = Field(None, description="kernel weights / factor weights (> 1)")
+    n_iter_max: int = Field(200, ge=1, le=10_000, description="ALS iterations")
+    layers: list[str] | None = Field(
+        None, description="globs or type:Conv2d; default every k×k conv with k > 1"
+    )
+
+    @field_validator("rank")
+    @classmethod
+    def _rank_range(cls, value: Any) -> Any:
+        for key, v in _values(value):
+            if isinstance(v, bool) or v < 1:
+                raise ValueError(f"{key}rank must be a positive int, got {v}")
+        return value
+
+    @field_validator("ratio")
+    @classmethod
+    def _ratio_range(cls, value: Any) -> Any:
+        for key, v in _values(value):
+            if not v > 1:
+                raise ValueError(f"{key}ratio must be > 1 (e.g. 4: a quarter of the weights), "
+                                 f"got {v}")
+        return value
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> CPParams:
+        if (self.rank is None) == (self.ratio is None):
+            raise ValueError("give exactly one of 'rank' (e.g. 16) or 'ratio' (e.g. 4)")
+        return self
+
+
+@register_method
+class CP(Method):
+    """CP decomposition of k×k convolutions (Lebedev et al. 2015): 1×1 (C → R), depthwise kh×1,
+    depthwise 1×kw, 1×1 (R → O); R·(C + O + kh + kw) weights instead of O·C·kh·kw."""
+
+    name = "cp"
+    Params = CPParams
+    supported = (nn.Conv2d,)
+    params: CPParams
+
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**params)
+        self.report: dict[str, dict[str, Any]] = {}
+
+    def apply(self, model: nn.Module, layers: dict[str, nn.Module]) -> None:
+        """Replace each selected conv by a :class:`CPConv2d`."""
+        p = self.params
+        _check_not_factor(model, layers, self.name)
+        if p.layers is None:  # by default only the convolutions CP can shrink
+            layers = {n: m for n, m in layers.items()
+                      if isinstance(m, nn.Conv2d) and max(m.kernel_size) > 1 and m.groups == 1}
+        if not layers:
+            raise ModelError("cp: no k×k (k > 1) convolution selected")
+        for name, mod in layers.items():
+            _check_plain(mod, name, self.name)
+            assert isinstance(mod, nn.Conv2d)
+            _check_conv(mod, name, self.name)
+        names = list(layers)
+        ranks = per_layer(p.rank, names, "cp.rank") if p.rank is not None else None
+        ratios = per_layer(p.ratio, names, "cp.ratio") if p.ratio is not None else None
+        self.report = {}
+        for name, mod in layers.items():
+            assert isinstance(mod, nn.Conv2d)
+            if ranks is not None:
+                rank = int(ranks[name])
+            else:
+                assert ratios is not None
+                rank = cp_rank_for_ratio(mod, float(ratios[name]))
+            new = cp_conv(mod, rank, p.n_iter_max)
+            replace_module(model, name, new)
+            w = mod.weight.detach()
+            err = float(torch.linalg.norm(w - new.dense_weight().detach()) /
+                        max(float(torch.linalg.norm(w)), 1e-30))
+            self.report[name] = {
+                "rank": rank, "weights_before": w.numel(),
+                "weights_after": sum(math.prod(shape) for key, shape in
+                                     new.factor_shapes().items() if key.endswith("weight")),
+                "relative_error": err,
+            }
+
+
 __all__ = [
-    "Calibration", "RankParams", "SparseSVD", "SparseSVDParams", "TruncatedSVD", "Tucker",
-    "TuckerParams", "activation_importance", "choose_rank", "energy_rank", "factorize_conv",
-    "factorize_linear", "loss_importance", "mode_ranks_by_energy", "ratio_rank", "slr_masks",
-    "split_factors", "svd", "tucker_conv", "weight_importance",
+    "CP", "CPParams", "Calibration", "RankParams", "SparseSVD", "SparseSVDParams", "TruncatedSVD",
+    "Tucker", "TuckerParams", "activation_importance", "choose_rank", "cp_conv",
+    "cp_rank_for_ratio", "energy_rank", "factorize_conv", "factorize_linear", "loss_importance",
+    "mode_ranks_by_energy", "ratio_rank", "slr_masks", "split_factors", "svd", "tucker_conv",
+    "weight_importance",
 ]

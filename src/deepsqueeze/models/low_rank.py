@@ -12,6 +12,8 @@ own executors.
   1×1 conv ``rank → O`` with the original bias.
 - :class:`TuckerConv2d` — Tucker-2 (Kim et al. 2016): 1×1 ``C → rank_in``, k×k core
   ``rank_in → rank_out`` (stride/padding/dilation of the original), 1×1 ``rank_out → O`` + bias.
+- :class:`CPConv2d` — CP (Lebedev et al. 2015): 1×1 ``C → rank``, depthwise kh×1 and 1×kw
+  (the original stride/padding/dilation split by axis), 1×1 ``rank → O`` + bias.
 
 The constructor arguments are the kind's options (read back from attributes of the same names);
 ``cls(**options)`` rebuilds an equivalent, uninitialized module.
@@ -221,6 +223,58 @@ class TuckerConv2d(_FactorConv):
                 f"bias={self.bias is not None}")
 
 
+class CPConv2d(_FactorConv):
+    """Rank-R CP decomposition ``W[o,c,i,j] = Σ_r L[o,r] V[r,i] H[r,j] F[r,c]``: 1×1
+    ``C → rank`` (``first`` = F), depthwise kh×1 (``vertical`` = V), depthwise 1×kw
+    (``horizontal`` = H), 1×1 ``rank → O`` (``last`` = L, with the bias)."""
+
+    def __init__(
+        self, in_channels: int, out_channels: int, rank: int, kernel_size: Any,
+        stride: Any = 1, padding: Any = 0, dilation: Any = 1, bias: bool = True,
+        device: Any = None, dtype: Any = None,
+    ) -> None:
+        super().__init__()
+        self._geometry(in_channels, out_channels, kernel_size, stride, padding, dilation)
+        _positive(rank=rank)
+        self.rank = rank
+        (kh, kw), (sh, sw) = self.kernel_size, self.stride
+        (ph, pw), (dh, dw) = self.padding, self.dilation
+        self.first = nn.Conv2d(in_channels, rank, 1, bias=False, device=device, dtype=dtype)
+        self.vertical = nn.Conv2d(rank, rank, (kh, 1), stride=(sh, 1), padding=(ph, 0),
+                                  dilation=(dh, 1), groups=rank, bias=False, device=device,
+                                  dtype=dtype)
+        self.horizontal = nn.Conv2d(rank, rank, (1, kw), stride=(1, sw), padding=(0, pw),
+                                    dilation=(1, dw), groups=rank, bias=False, device=device,
+                                    dtype=dtype)
+        self.last = nn.Conv2d(rank, out_channels, 1, bias=bias, device=device, dtype=dtype)
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.last.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.last(self.horizontal(self.vertical(self.first(x))))
+
+    def factor_shapes(self) -> dict[str, tuple[int, ...]]:
+        kh, kw = self.kernel_size
+        return {"first.weight": (self.rank, self.in_channels, 1, 1),
+                "vertical.weight": (self.rank, 1, kh, 1),
+                "horizontal.weight": (self.rank, 1, 1, kw),
+                "last.weight": (self.out_channels, self.rank, 1, 1),
+                "last.bias": (self.out_channels,)}
+
+    def dense_weight(self) -> torch.Tensor:
+        """The O×C×kh×kw kernel the factors stand for."""
+        f = self.first.weight.flatten(1)  # R × C
+        v = self.vertical.weight.flatten(1)  # R × kh
+        h = self.horizontal.weight.flatten(1)  # R × kw
+        last = self.last.weight.flatten(1)  # O × R
+        return torch.einsum("or,ri,rj,rc->ocij", last, v, h, f)
+
+    def extra_repr(self) -> str:
+        return f"{self._geometry_repr()}, rank={self.rank}, bias={self.bias is not None}"
+
+
 def _register() -> None:
     """Register the kinds with the models layer (options = constructor arguments)."""
     feat = int_option(1, MAX_FEATURES)
@@ -235,8 +289,9 @@ def _register() -> None:
     })
     register_kind("LowRankConv2d", LowRankConv2d, {**geometry, "rank": feat})
     register_kind("TuckerConv2d", TuckerConv2d, {**geometry, "rank_in": feat, "rank_out": feat})
+    register_kind("CPConv2d", CPConv2d, {**geometry, "rank": feat})
 
 
 _register()
 
-__all__ = ["LowRankConv2d", "LowRankLinear", "TuckerConv2d"]
+__all__ = ["CPConv2d", "LowRankConv2d", "LowRankLinear", "TuckerConv2d"]
