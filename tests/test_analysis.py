@@ -210,6 +210,21 @@ def test_knapsack_meets_a_latency_budget_alone_and_with_bytes():
     assert solve(cands, 1000, limit=(_latency, 49.0)) is None  # 20 + 30 is the fastest
 
 
+def test_sensitivity_times_every_family_in_the_runtime(tiny, splits):
+    """Each option's layer is timed from a real file; parametrized kinds (binary, pruned,
+    shared) included: a deep copy of a parametrized model cannot be baked, the sweep bakes its
+    own disposable copy."""
+    from deepsqueeze.analysis.latency import example_batch
+    from deepsqueeze.analysis.sensitivity import measure
+
+    opts = [Option((("binarize", "on"),)), Option((("prune", 0.9),)), Option((("share", 4),)),
+            Option((("prune", 0.9), ("share", 4)))]
+    _, _, points = measure(tiny, splits[1].subset(100, seed=0), ["fc1"], opts,
+                           latency_input=example_batch(splits[1], 4))
+    assert all(p.error is None and p.latency_us is not None and p.latency_us > 0
+               for p in points)
+
+
 def test_plan_with_a_latency_target_times_the_runtime(tiny, splits, tmp_path):
     fit, val, _ = splits
     with pytest.raises(TargetUnreachable, match=r"below the fastest the swept options run"):

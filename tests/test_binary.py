@@ -512,3 +512,24 @@ def test_binary_kernel_clean_under_sanitizers(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "SANITIZED-OK" in proc.stdout
     assert "AddressSanitizer" not in proc.stderr and "runtime error" not in proc.stderr
+
+
+def test_bake_keeps_a_binary_layer_exact() -> None:
+    """bake removes the newest parametrization first: the scale reads the latent weight."""
+    import copy
+
+    from deepsqueeze.analysis.sweeps import Option, apply_option
+    from deepsqueeze.models.binary import BinaryLinear
+    from deepsqueeze.pipeline.session import bake
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(20, 8), nn.ReLU(), nn.Linear(8, 3))
+    work = copy.deepcopy(net)
+    apply_option(work, "0", Option((("binarize", "on"),)))
+    x = torch.randn(4, 20)
+    with torch.no_grad():
+        before = work(x)
+    assert bake(work) == ["0.weight_scale", "0.weight"]
+    assert type(work[0]) is BinaryLinear
+    with torch.no_grad():
+        torch.testing.assert_close(work(x), before, atol=0, rtol=0)

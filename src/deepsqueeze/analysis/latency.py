@@ -44,17 +44,18 @@ def file_latency_us(path: str | Path, x: torch.Tensor, *, fuse: bool = True,
 
 
 def runtime_latency(model: nn.Module, layers: Sequence[str], x: torch.Tensor, *,
-                    rounds: int = 15, whole: bool = True) -> tuple[dict[str, float],
-                                                                   float | None]:
+                    rounds: int = 15, whole: bool = True, disposable: bool = False
+                    ) -> tuple[dict[str, float], float | None]:
     """``({layer: microseconds}, whole-model microseconds or None without ``whole``)`` of
-    ``model`` (any state a recipe stage leaves: masks and codebooks are baked first, on a copy)
-    in the runtime on ``x``."""
+    ``model`` (any state a recipe stage leaves: masks and codebooks are baked first) in the
+    runtime on ``x``. ``disposable``: bake ``model`` itself instead of a copy (a deep copy of
+    a parametrized model shares its parametrized classes, and baking that copy breaks it)."""
     from deepsqueeze.dsq import save
     from deepsqueeze.pipeline.session import bake
     from deepsqueeze.runtime import load_runtime
     from deepsqueeze.runtime.autotune import time_modules
 
-    work = copy.deepcopy(model).cpu().eval()
+    work = (model if disposable else copy.deepcopy(model)).cpu().eval()
     bake(work)
     with tempfile.TemporaryDirectory(prefix="dsq-latency-") as tmp:
         path = Path(tmp) / "model.dsq"

@@ -251,7 +251,8 @@ def measure(
             if latency_input is not None:
                 from deepsqueeze.analysis.latency import runtime_latency
 
-                latency = runtime_latency(work, [layer], latency_input, whole=False)[0][layer]
+                latency = runtime_latency(work, [layer], latency_input, whole=False,
+                                          disposable=True)[0][layer]
             points.append(Point(layer, option.to_dict(), option.label, got.accuracy,
                                 100 * (baseline - got.accuracy), nbytes, dense[layer],
                                 time.perf_counter() - t0, other_bytes=other,

@@ -77,7 +77,9 @@ def bake(model: nn.Module) -> list[str]:
     baked = []
     for name, module in model.named_modules():
         if parametrize.is_parametrized(module):
-            for tensor in list(module.parametrizations):  # type: ignore[union-attr]
+            # newest first: a later parametrization may read an earlier one's original (the
+            # binary layer's scale is the mean |latent weight|), so it must go while that exists
+            for tensor in reversed(list(module.parametrizations)):  # type: ignore[union-attr]
                 parametrize.remove_parametrizations(module, tensor, leave_parametrized=True)
                 baked.append(f"{name}.{tensor}" if name else tensor)
     return baked
