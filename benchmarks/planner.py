@@ -33,6 +33,15 @@ from deepsqueeze.pipeline.session import spec_or_none
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _shown(path: Path) -> str:
+    """A path as results record it: relative to the repository, else its name only (no
+    machine paths in committed results)."""
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return path.name
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", type=Path, help="a trained model.pt (train --subset N --seed 0)")
@@ -63,7 +72,7 @@ def main() -> None:
     model = load_model(args.model)
     fit, val, test = load_splits(args.dataset, args.val_size)
     spec = spec_or_none(model)
-    record: dict = {"command": {k: (str(v) if isinstance(v, Path) else v)
+    record: dict = {"command": {k: (_shown(v) if isinstance(v, Path) else v)
                                 for k, v in vars(args).items()}}
     try:
         res = plan(model, fit, val, out, target_ratio=args.target_ratio,

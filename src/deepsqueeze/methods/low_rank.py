@@ -784,6 +784,23 @@ def loss_importance(
 # --------------------------------------------------------------------------------------------
 
 
+def _kxk_convs(model: nn.Module, layers: dict[str, nn.Module], by_default: bool,
+               method: str) -> dict[str, nn.Module]:
+    """The convolutions ``tucker`` / ``cp`` factorize, checked: with the default selection only
+    k×k (k > 1) ungrouped ones (the ones a factorization can shrink)."""
+    _check_not_factor(model, layers, method)
+    if by_default:
+        layers = {n: m for n, m in layers.items()
+                  if isinstance(m, nn.Conv2d) and max(m.kernel_size) > 1 and m.groups == 1}
+    if not layers:
+        raise ModelError(f"{method}: no k×k (k > 1) convolution selected")
+    for name, mod in layers.items():
+        _check_plain(mod, name, method)
+        assert isinstance(mod, nn.Conv2d)
+        _check_conv(mod, name, method)
+    return layers
+
+
 class TuckerParams(MethodParams):
     """Parameters of ``tucker``: ranks given (``rank``: one int for both modes, or
     ``[rank_in, rank_out]``) or by ``energy`` of each mode's unfolding."""
@@ -838,16 +855,7 @@ class Tucker(Method):
     def apply(self, model: nn.Module, layers: dict[str, nn.Module]) -> None:
         """Replace each selected conv by a :class:`TuckerConv2d`."""
         p = self.params
-        _check_not_factor(model, layers, self.name)
-        if p.layers is None:  # by default only the convolutions Tucker-2 can shrink
-            layers = {n: m for n, m in layers.items()
-                      if isinstance(m, nn.Conv2d) and max(m.kernel_size) > 1 and m.groups == 1}
-        if not layers:
-            raise ModelError("tucker: no k×k (k > 1) convolution selected")
-        for name, mod in layers.items():
-            _check_plain(mod, name, self.name)
-            assert isinstance(mod, nn.Conv2d)
-            _check_conv(mod, name, self.name)
+        layers = _kxk_convs(model, layers, p.layers is None, self.name)
         names = list(layers)
         ranks = (per_layer(p.rank, names, "tucker.rank") if p.rank is not None  # type: ignore[arg-type]
                  else None)
@@ -929,16 +937,7 @@ class CP(Method):
     def apply(self, model: nn.Module, layers: dict[str, nn.Module]) -> None:
         """Replace each selected conv by a :class:`CPConv2d`."""
         p = self.params
-        _check_not_factor(model, layers, self.name)
-        if p.layers is None:  # by default only the convolutions CP can shrink
-            layers = {n: m for n, m in layers.items()
-                      if isinstance(m, nn.Conv2d) and max(m.kernel_size) > 1 and m.groups == 1}
-        if not layers:
-            raise ModelError("cp: no k×k (k > 1) convolution selected")
-        for name, mod in layers.items():
-            _check_plain(mod, name, self.name)
-            assert isinstance(mod, nn.Conv2d)
-            _check_conv(mod, name, self.name)
+        layers = _kxk_convs(model, layers, p.layers is None, self.name)
         names = list(layers)
         ranks = per_layer(p.rank, names, "cp.rank") if p.rank is not None else None
         ratios = per_layer(p.ratio, names, "cp.ratio") if p.ratio is not None else None
