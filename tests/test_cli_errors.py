@@ -32,6 +32,7 @@ from deepsqueeze.io import atomic_write, save_model
 from deepsqueeze.methods.base import create_method, select_layers
 
 from .conftest import needs_mnist, run_cli
+from .dsq_forge import manifest_text
 
 # ---------------------------------------------------------------------------------- helpers
 
@@ -52,10 +53,8 @@ def repack(data: bytes, edit: Callable[[str], str]) -> bytes:
     """A .dsq file with its manifest JSON text edited and every checksum valid again.
 
     Written by hand (not with the container's writer, which refuses what a forger would not)."""
-    _, major, minor, flags, stored_len, _, _ = struct.unpack_from("<8sHHIIII", data)
-    stored = data[28 : 28 + stored_len]
-    raw = zlib.decompress(stored, -15) if flags & 1 else stored
-    text = edit(raw.decode("utf-8")).encode("utf-8")
+    _, major, minor, _, stored_len, _, _ = struct.unpack_from("<8sHHIIII", data)
+    text = edit(manifest_text(data).decode("utf-8")).encode("utf-8")
     head = struct.pack("<8sHHIII", data[:8], major, minor, 0, len(text), len(text))
     crc = zlib.crc32(text, zlib.crc32(head))
     return head + struct.pack("<I", crc) + text + data[28 + stored_len :]

@@ -67,8 +67,9 @@ def test_dictionary_is_the_documented_constant() -> None:
 
 
 def test_round_trip_and_smaller(tmp_path: Path) -> None:
-    plain = dsq_bytes(META, SECTIONS)
+    plain = dsq_bytes(META, SECTIONS, manifest="deflate")
     small = dsq_bytes(META, SECTIONS, manifest="dictionary")
+    assert dsq_bytes(META, SECTIONS) == small  # the compact manifest is the default
     assert _header(plain)[0] == FLAG_DEFLATE
     assert _header(small)[0] == FLAG_DEFLATE | FLAG_DICTIONARY_1
     assert len(small) < len(plain)
@@ -76,8 +77,10 @@ def test_round_trip_and_smaller(tmp_path: Path) -> None:
     assert a.meta == b.meta == META and a.sections == b.sections == SECTIONS
     assert b.manifest_size < a.manifest_size
     path = tmp_path / "m.dsq"
-    assert write_dsq(path, META, SECTIONS, manifest="dictionary") == len(small)
+    assert write_dsq(path, META, SECTIONS) == len(small)
     assert path.read_bytes() == small
+    assert write_dsq(path, META, SECTIONS, manifest="deflate") == len(plain)
+    assert path.read_bytes() == plain
     assert read_dsq(path).meta == META
 
 
@@ -107,7 +110,7 @@ def test_compact_rewrites_a_real_model_file(tmp_path: Path) -> None:
     torch.manual_seed(0)
     net = models.create("lenet300")
     path = tmp_path / "net.dsq"
-    dsq.save(net, path)
+    dsq.save(net, path, encode={"manifest": "deflate"})
     before = path.read_bytes()
     size = compact_dsq(path, tmp_path / "small.dsq")
     after = (tmp_path / "small.dsq").read_bytes()
@@ -171,9 +174,12 @@ def test_manifest_bytes_saved_on_zoo_files(tmp_path: Path) -> None:
     """The dictionary halves a small model's manifest (the fixed cost of every file)."""
     for name in ("lenet300", "lenet5"):
         net = models.create(name)
-        dsq.save(net, tmp_path / f"{name}.dsq")
+        dsq.save(net, tmp_path / f"{name}.dsq", encode={"manifest": "deflate"})
         before = read_dsq(tmp_path / f"{name}.dsq")
         compact_dsq(tmp_path / f"{name}.dsq", tmp_path / f"{name}-c.dsq")
         after = read_dsq(tmp_path / f"{name}-c.dsq")
         assert after.manifest_size < 0.7 * before.manifest_size, name
         assert after.manifest_size >= HEADER_SIZE
+        dsq.save(net, tmp_path / f"{name}-d.dsq")  # the default: already compact
+        default = (tmp_path / f"{name}-d.dsq").read_bytes()
+        assert default == (tmp_path / f"{name}-c.dsq").read_bytes()

@@ -61,6 +61,7 @@ from deepsqueeze.models.registry import MAX_INPUT_ELEMENTS, MAX_PARAMETERS, OPTI
 from deepsqueeze.runtime.onnx_export import export_onnx
 
 from .conftest import DATA_DIR, needs_mnist
+from .dsq_forge import manifest_text
 
 MAGIC = b"\x89DSQ\r\n\x1a\n"
 
@@ -98,8 +99,7 @@ def _padded_manifest(body: bytes, pad: int, crc: int | None = None) -> bytes:
 
 
 def _manifest_of(data: bytes) -> bytes:
-    stored = struct.unpack_from("<I", data, 16)[0]
-    return zlib.decompress(data[28 : 28 + stored], -15)
+    return manifest_text(data)
 
 
 def _edit_manifest(data: bytes, edit: Callable[[dict], None]) -> bytes:
@@ -345,8 +345,8 @@ def test_real_manifests_are_far_under_the_budget(tmp_path: Path) -> None:
             p.zero_()
     dsq.save(net, tmp_path / "r56.dsq")
     data = (tmp_path / "r56.dsq").read_bytes()
-    stored, raw_len = struct.unpack_from("<II", data, 16)
-    raw = zlib.decompress(data[28 : 28 + stored], -15)
+    raw_len = struct.unpack_from("<I", data, 20)[0]
+    raw = manifest_text(data)
     assert len(raw) == raw_len
     cost = manifest_cost(len(raw), json_shape(raw).values)
     assert cost < MANIFEST_BUDGET_FLOOR / 2
@@ -367,7 +367,7 @@ def test_huge_integers_in_a_manifest_are_format_errors(value: bytes, match: str,
     f = parse_dsq(resnet_dsq)
     raw = dsq_bytes(f.meta, f.sections)
     stored = struct.unpack_from("<I", raw, 16)[0]
-    text = zlib.decompress(raw[28 : 28 + stored], -15)
+    text = manifest_text(raw)
     forged = text.replace(b'"dense_parameters":', b'"dense_parameters":' + value + b',"_":', 1)
     data = _container(forged, raw[28 + stored :])
     for read in (dsq.inspect, dsq.load, lambda d: dsq.load(d, mode="runtime", autotune=False)):

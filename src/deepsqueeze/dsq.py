@@ -242,7 +242,7 @@ def save(
         **({"modules": kinds} if kinds else {}),
         **(extra_meta or {}),
     }
-    write_dsq(path, meta, sections)
+    write_dsq(path, meta, sections, manifest=opts.manifest)
     return inspect(path)
 
 

@@ -30,3 +30,8 @@ class EncodeOptions(BaseModel):
         "float32", description="dtype of tensors stored densely (biases, BatchNorm); float16 "
         "or bfloat16 halve their bytes (lossy: TFLite's float16 quantization analog)"
     )
+    manifest: Literal["dictionary", "deflate"] = Field(
+        "dictionary", description="how the manifest is stored: dictionary (raw deflate with "
+        "preset dictionary 1 where smaller, docs/format.md) or deflate (what deepsqueeze "
+        "versions before the dictionary also read)"
+    )
