@@ -1,11 +1,13 @@
 """Run compressed models fast: the runtime vs dense PyTorch vs onnxruntime, in one run.
 
-For the Deep-Compressed LeNet-300-100 and LeNet-5 (MNIST) and a 70 %-pruned ResNet-20
-(Fashion-MNIST, ``--models resnet20``), at batch 1, 32 and 256: latency
+For the Deep-Compressed LeNet-300-100 and LeNet-5 (MNIST) and two ResNet-20s (Fashion-MNIST,
+``--models resnet20,resnet20-channels``: magnitude-pruned 70 % and channel-pruned), at batch 1,
+32 and 256: latency
 (median, p95) and throughput of dense fp32 PyTorch, the deepsqueeze runtime
 (``load_runtime``, autotuned per batch size) and onnxruntime on the exported dense model, timed
 interleaved so the ratios come from one run; peak RSS of each backend in a fresh process; the
-weights held in memory vs the file; the autotuner's per-layer choice; and the test accuracy of
+weights held in memory vs the file; the autotuner's per-layer choice (for ResNet-20 also
+Winograd F(2x2,3x3) / F(4x4,3x3) against im2col on each 3x3 layer); and the test accuracy of
 the runtime model next to the dense decoding of the same file. Writes
 benchmarks/results/runtime.json and prints a markdown table.
 
@@ -13,17 +15,19 @@ The .dsq files: ``--lenet300-dsq`` / ``--lenet5-dsq``, else runs/deep_compressio
 (from benchmarks/deep_compression.py), else they are compressed here from the baselines with the
 shipped recipes (slow: the recipes fine-tune for several epochs; ``--baseline-epochs`` and
 ``--finetune-scale`` shorten both, same sparsities and codebooks, recorded in the results).
-The ResNet-20 file (``--resnet20-dsq``, else made here) is a speed test only: the zoo
-ResNet-20 for 1-channel 28x28 inputs, BatchNorm statistics calibrated on 2,048 Fashion-MNIST
-training images, then magnitude-pruned to 70 % per layer (not trained: no accuracy is claimed).
+The ResNet-20 files (``--resnet20-dsq`` / ``--resnet20-channels-dsq``, else made here under
+runs/conv/) come from the trained ResNet-20 ``--resnet20-dense`` (default
+runs/quantization/resnet20-fashion-mnist/model.pt, from benchmarks/quantization.py) with
+recipes/runtime-resnet20-pruned70.yaml and recipes/runtime-resnet20-channels.yaml, fine-tuned
+on 10,000 training images.
 
 Targets (issue 15): the compressed LeNet-5 at least 1.5x faster than dense PyTorch and faster
 than onnxruntime's dense model at every batch size, with 1 and with 2 threads.
 
     python benchmarks/runtime.py --threads 1
     python benchmarks/runtime.py --threads 2 --out benchmarks/results/runtime-2threads.json
-    python benchmarks/runtime.py --models resnet20 --batch 1,256 \
-        --out benchmarks/results/runtime-resnet20.json
+    python benchmarks/runtime.py --models resnet20,resnet20-channels --batch 1,256 \
+        --threads 1 --out benchmarks/results/runtime-resnet20.json
     python benchmarks/runtime.py --lenet300-dsq a.dsq --lenet5-dsq b.dsq --runs 200
 """
 
@@ -57,20 +61,25 @@ DSQ_DIR = ROOT / "runs" / "deep_compression"
 MODELS = {"lenet300": "recipes/deep-compression-lenet300.yaml",
           "lenet5": "recipes/deep-compression-lenet5.yaml"}
 # batch-1 speed targets of the issue: runtime median latency vs dense PyTorch
-TARGETS = {"lenet300": 2.0, "lenet5": 1.0, "resnet20": 1.0}
+TARGETS = {"lenet300": 2.0, "lenet5": 1.0, "resnet20": 1.0, "resnet20-channels": 1.0}
 # issue 15: at every batch size, vs dense PyTorch (ratio) and faster than onnxruntime
 ALL_BATCH_TARGETS = {"lenet5": 1.5}
-RESNET_FILE = ROOT / "runs" / "conv" / "resnet20-fashion-pruned70.dsq"
-DATASETS = {"lenet300": "mnist", "lenet5": "mnist", "resnet20": "fashion-mnist"}
+RESNET_DENSE = ROOT / "runs" / "quantization" / "resnet20-fashion-mnist" / "model.pt"
+RESNET_RECIPES = {"resnet20": "recipes/runtime-resnet20-pruned70.yaml",
+                  "resnet20-channels": "recipes/runtime-resnet20-channels.yaml"}
+RESNET_SUBSET = 10000  # fine-tuning samples of the ResNet-20 files
+DATASETS = {"lenet300": "mnist", "lenet5": "mnist", "resnet20": "fashion-mnist",
+            "resnet20-channels": "fashion-mnist"}
 
 
 def dsq_file(model: str, given: Path | None, baseline_epochs: float | None = None,
-             finetune_scale: float = 1.0, subset: int | None = None) -> tuple[Path, dict[str, Any]]:
+             finetune_scale: float = 1.0, subset: int | None = None,
+             resnet_dense: Path = RESNET_DENSE) -> tuple[Path, dict[str, Any]]:
     """The compressed file of ``model``: given, found, or made now; and how it was made."""
     if given is not None:
         return given, {"given": True}
-    if model == "resnet20":
-        return resnet20_file(), {"made": "resnet20_file (speed only, untrained)"}
+    if model in RESNET_RECIPES:
+        return resnet20_file(model, resnet_dense)
     path = DSQ_DIR / f"{model}-mnist.dsq"
     how: dict[str, Any] = {"recipe": MODELS[model]}
     run_json = baseline_path(model, "mnist").parent / "run.json"
@@ -102,31 +111,40 @@ def dsq_file(model: str, given: Path | None, baseline_epochs: float | None = Non
     return path, how
 
 
-def resnet20_file(path: Path = RESNET_FILE, sparsity: float = 0.7) -> Path:
-    """A 70 %-pruned ResNet-20 for 1 x 28 x 28 inputs (see module doc); made once."""
-    if path.exists():
-        return path
-    from deepsqueeze import models
-    from deepsqueeze.dsq import save
-    from deepsqueeze.methods.base import create_method, select_layers
+def resnet20_file(model: str, dense: Path) -> tuple[Path, dict[str, Any]]:
+    """runs/conv/<recipe stem>.dsq: the trained ResNet-20 compressed with the model's recipe
+    (made once; see the module doc)."""
+    recipe = ROOT / RESNET_RECIPES[model]
+    path = ROOT / "runs" / "conv" / f"{recipe.stem}.dsq"
+    how: dict[str, Any] = {"recipe": RESNET_RECIPES[model], "dense": str(dense),
+                           "finetune_subset": RESNET_SUBSET}
+    if not path.exists():
+        if not dense.exists():
+            sys.exit(f"no trained ResNet-20 at {dense}: run benchmarks/quantization.py (or "
+                     "deepsqueeze train --model resnet20 --dataset fashion-mnist --epochs 5 "
+                     "and pass --resnet20-dense)")
+        print(f"compressing {dense} with {recipe.name} into {path}", flush=True)
+        deepsqueeze.compress(dense, recipe, out=path, progress=False, subset=RESNET_SUBSET)
+    return path, how
 
-    torch.manual_seed(0)
-    net = models.create("resnet20", num_classes=10, in_channels=1, input_size=28)
-    data = load_dataset("fashion-mnist", "train")
-    x = data.normalized()[:2048]
-    net.train()
-    for m in net.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.momentum = None  # cumulative average over the calibration batches
-    with torch.no_grad():
-        for i in range(0, len(x), 256):
-            net(x[i:i + 256])
-    net.eval()
-    method = create_method("prune", sparsity=sparsity)
-    method.apply(net, select_layers(net, method.params.layers, method.supported))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save(net, path, example_inputs=(x[:1],))
-    return path
+
+def winograd_vs_im2col(entry: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per 3x3 layer and batch: the autotuner's timings of Winograd and im2col (us)."""
+    rows = []
+    for batch, info in entry.get("runtime", {}).items():
+        for layer in info.get("layers", []):
+            times = layer.get("time_us") or {}
+            if "im2col" not in times or not any(k.startswith("winograd") for k in times):
+                continue
+            row = {"batch": int(batch), "layer": layer["layer"],
+                   "input_shape": layer.get("input_shape"), "im2col_us": times["im2col"],
+                   "chosen": layer.get("impl")}
+            for k in ("winograd2", "winograd4"):
+                if k in times:
+                    row[f"{k}_us"] = times[k]
+                    row[f"{k}_vs_im2col"] = times["im2col"] / times[k]
+            rows.append(row)
+    return rows
 
 
 def _repo_relative(value: Any) -> Any:
@@ -155,8 +173,11 @@ def main() -> None:
     parser.add_argument("--lenet300-dsq", type=Path)
     parser.add_argument("--lenet5-dsq", type=Path)
     parser.add_argument("--resnet20-dsq", type=Path)
+    parser.add_argument("--resnet20-channels-dsq", type=Path)
+    parser.add_argument("--resnet20-dense", type=Path, default=RESNET_DENSE,
+                        help="trained ResNet-20 the two ResNet-20 files are made from")
     parser.add_argument("--models", default="lenet300,lenet5",
-                        help="comma-separated: lenet300, lenet5, resnet20")
+                        help="comma-separated: lenet300, lenet5, resnet20, resnet20-channels")
     parser.add_argument("--baseline-epochs", type=float, default=None,
                         help="epochs of a baseline trained here (default: the recommended)")
     parser.add_argument("--finetune-scale", type=float, default=1.0,
@@ -177,12 +198,12 @@ def main() -> None:
                      "note": "shared machine: 2 cores, other agents' jobs running alongside "
                              "(see load_average); ratios come from one interleaved run"}
     given = {"lenet300": args.lenet300_dsq, "lenet5": args.lenet5_dsq,
-             "resnet20": args.resnet20_dsq}
+             "resnet20": args.resnet20_dsq, "resnet20-channels": args.resnet20_channels_dsq}
     for model in args.models.split(","):
         if model not in given:
             parser.error(f"unknown model {model!r}; known: {', '.join(given)}")
         path, how = dsq_file(model, given[model], args.baseline_epochs, args.finetune_scale,
-                             args.finetune_subset)
+                             args.finetune_subset, args.resnet20_dense)
         t0 = time.perf_counter()
         load_before = os.getloadavg()
         report = bench(path, batches, runs=args.runs, threads=args.threads,
@@ -192,8 +213,9 @@ def main() -> None:
         entry["seconds"] = time.perf_counter() - t0
         entry["load_average"] = {"before": load_before, "after": os.getloadavg()}
         entry["file"] = how
-        if model != "resnet20":  # the ResNet-20 file is untrained: speed only
-            entry["accuracy"] = accuracies(path, max(batches), DATASETS[model])
+        entry["accuracy"] = accuracies(path, max(batches), DATASETS[model])
+        if model in RESNET_RECIPES:
+            entry["winograd_vs_im2col"] = winograd_vs_im2col(entry)
         b1 = report.timing("runtime", 1)
         entry["targets"] = {
             "batch1_speedup_vs_dense": b1.speedup_vs_dense if b1 else None,

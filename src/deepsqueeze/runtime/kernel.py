@@ -120,14 +120,17 @@ class DsqLayer(ctypes.Structure):
     ]
 
 
+# -fopenmp first: the threaded kernels then run on libgomp, the same pool torch's CPU build
+# uses (its libgomp.so.1 is already loaded, so the library links to that one); without it
+# they start their own pthreads, which fight torch's spinning workers for the cores.
 _FLAG_SETS = (
+    ("-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared"),
     ("-O3", "-march=native", "-fno-math-errno", "-fPIC", "-shared"),
     ("-O3", "-fno-math-errno", "-fPIC", "-shared"),
 )
-_SANITIZE_FLAGS = (
-    ("-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined",
-     "-fno-sanitize-recover=all", "-fno-math-errno", "-fPIC", "-shared"),
-)
+_SANITIZE_BASE = ("-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined",
+                  "-fno-sanitize-recover=all", "-fno-math-errno", "-fPIC", "-shared")
+_SANITIZE_FLAGS = ((*_SANITIZE_BASE, "-fopenmp"), _SANITIZE_BASE)
 
 _lock = threading.Lock()
 _kernel: Kernel | None = None

@@ -19,6 +19,9 @@
    lengths (weights, scale, bias, input, output against rows, cols and n) and pointers before
    touching memory and returns 0 or a DSQ_E* code (the numbering of dsqkernel.c). */
 #include <pthread.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -254,8 +257,6 @@ static int bin_run(bin_job *base, int64_t threads) {
     if (t > base->units) t = base->units;
     if (t < 1) return BIN_OK;
     bin_job jobs[BIN_MAX_THREADS];
-    pthread_t tid[BIN_MAX_THREADS];
-    int started[BIN_MAX_THREADS];
     const int64_t per = base->units / t, extra = base->units % t;
     int64_t r = 0;
     for (int64_t k = 0; k < t; k++) {
@@ -264,8 +265,18 @@ static int bin_run(bin_job *base, int64_t threads) {
         r += per + (k < extra);
         jobs[k].r1 = r;
         jobs[k].status = BIN_EINVAL;
-        started[k] = 0;
     }
+#ifdef _OPENMP
+    /* torch's own pool (conv.c says why); a team smaller than asked runs the rest in turn */
+#pragma omp parallel num_threads((int)t)
+    {
+        const int64_t size = omp_get_num_threads();
+        for (int64_t k = omp_get_thread_num(); k < t; k += size) bin_worker(&jobs[k]);
+    }
+#else
+    pthread_t tid[BIN_MAX_THREADS];
+    int started[BIN_MAX_THREADS];
+    for (int64_t k = 0; k < t; k++) started[k] = 0;
     for (int64_t k = 1; k < t; k++)
         started[k] = pthread_create(&tid[k], NULL, bin_worker, &jobs[k]) == 0;
     bin_worker(&jobs[0]);
@@ -275,6 +286,7 @@ static int bin_run(bin_job *base, int64_t threads) {
         else
             bin_worker(&jobs[k]); /* no thread: do its rows here */
     }
+#endif
     int status = BIN_OK;
     for (int64_t k = 0; k < t; k++)
         if (jobs[k].status != BIN_OK) status = jobs[k].status;

@@ -14,8 +14,10 @@
    weights of an output channel (output-stationary), then gets bias and ReLU and is written once
    into Y [rows, OH, Wq, ld]. A final pass writes y [n, rows, OH / pool, OW / pool], taking the
    max over pool x pool windows when a max-pool is fused. Blocks are split between threads
-   (pthreads); the blocks of all output channels at one q run together, so the input window
-   they read stays in cache.
+   (OpenMP when compiled with it: the library then shares torch's own libgomp thread pool, so
+   its threads are the ones torch keeps spinning between ops instead of rivals for the same
+   cores; pthreads otherwise); the blocks of all output channels at one q run together, so the
+   input window they read stays in cache.
 
    The codebook variant groups each output channel's kept weights by centroid: the input values
    of all weights sharing centroid k are summed, then multiplied by it once.
@@ -24,6 +26,9 @@
    point checks every argument (geometry consistent with the layer, buffer lengths against the
    batch and the shapes, all products overflow-checked) before touching memory. */
 #include <pthread.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -74,7 +79,8 @@ static int layer_ok(const dsq_conv_layer *L) {
 }
 
 /* symbol of stored weight j (codebook modes) */
-static int64_t symbol_of(const dsq_conv_layer *L, int64_t j) {
+static inline __attribute__((always_inline)) int64_t symbol_of(const dsq_conv_layer *L,
+                                                              int64_t j) {
     const uint8_t *s8 = (const uint8_t *)L->vals;
     switch (L->mode) {
     case 0: return (s8[j >> 1] >> ((j & 1) << 2)) & 15;
@@ -88,7 +94,8 @@ static int64_t symbol_of(const dsq_conv_layer *L, int64_t j) {
     }
 }
 
-static float weight_of(const dsq_conv_layer *L, int64_t j) {
+static inline __attribute__((always_inline)) float weight_of(const dsq_conv_layer *L,
+                                                             int64_t j) {
     return L->mode == 3 ? ((const float *)L->vals)[j] : L->cb[symbol_of(L, j)];
 }
 
@@ -125,6 +132,7 @@ typedef struct {
     const int64_t *off;    /* input offset of each kept weight, row by row */
     const float *w;        /* its weight (weights variant) */
     const int64_t *tapoff; /* KH x KW: input offset of each tap within a channel */
+    const int64_t *colofs; /* cols: input offset of each column within its group */
     const int64_t *segptr; /* codebook variant: rows + 1 into the segments */
     const int64_t *segend; /* end (into off) of each segment: the weights of one centroid */
     const float *segval;   /* the centroid of each segment */
@@ -170,10 +178,18 @@ static void parallel_for(conv_part *parts, int shared, range_fn fn, int64_t coun
         return;
     }
     if (grain < 1) grain = 1;
+    int64_t next = 0;
+#ifdef _OPENMP
+#pragma omp parallel num_threads((int)threads)
+    {
+        const int i = omp_get_thread_num();
+        conv_task task = {shared ? parts : parts + i, fn, count, grain, &next};
+        conv_task_run(&task);
+    }
+#else
     pthread_t tid[MAX_THREADS];
     conv_task task[MAX_THREADS];
     int started[MAX_THREADS];
-    int64_t next = 0;
     for (int64_t i = 0; i < threads; i++) {
         task[i].P = shared ? parts : parts + i;
         task[i].fn = fn;
@@ -187,27 +203,42 @@ static void parallel_for(conv_part *parts, int shared, range_fn fn, int64_t coun
     conv_task_run(&task[0]);
     for (int64_t i = 1; i < threads; i++)
         if (started[i]) pthread_join(tid[i], NULL);
+#endif
 }
 
 /* samples m0 .. m0 + cnt of x [n, C, H, W] -> X [C, sh, sw, Hq, Wq, ld] (zeroed first),
-   channels lo..hi; 8 samples at a time (8 contiguous reads, one contiguous write of 8) */
+   channels lo..hi; 8 samples at a time (8 contiguous reads, one contiguous write of 8). The
+   divisions by the stride are done once per row; stride-1 rows are written without any, and
+   a single sample's rows (ld 1) are plain copies. */
 static void pack_input(conv_part *P, int64_t lo, int64_t hi) {
     const conv_job *J = P->J;
-    const int64_t n = P->cnt, H = J->H, W = J->W, C = J->C, ld = J->ld;
+    const int64_t n = P->cnt, H = J->H, W = J->W, C = J->C, ld = J->ld, sw = J->sw;
+    const int64_t phase = J->Hq * J->Wq * ld; /* X distance between consecutive w phases */
     const float *x = J->x + P->m0 * C * H * W;
     for (int64_t c = lo; c < hi; c++) {
         float *Xc = P->X + c * J->chan;
         memset(Xc, 0, sizeof(float) * (size_t)J->chan);
-        for (int64_t m0 = 0; m0 < n; m0 += 8) {
-            const int64_t mc = n - m0 < 8 ? n - m0 : 8;
-            const float *src = x + (m0 * C + c) * H * W;
-            for (int64_t h = 0; h < H; h++) {
-                const int64_t hp = h + J->ph;
-                float *row = Xc + ((hp % J->sh) * J->sw * J->Hq + hp / J->sh) * J->Wq * ld + m0;
+        for (int64_t h = 0; h < H; h++) {
+            const int64_t hp = h + J->ph;
+            float *row = Xc + ((hp % J->sh) * sw * J->Hq + hp / J->sh) * J->Wq * ld;
+            const float *src_row = x + c * H * W + h * W;
+            if (sw == 1 && ld == 1) { /* one sample (n = 1) */
+                memcpy(row + J->pw, src_row, sizeof(float) * (size_t)W);
+                continue;
+            }
+            for (int64_t m0 = 0; m0 < n; m0 += 8) {
+                const int64_t mc = n - m0 < 8 ? n - m0 : 8;
+                const float *src = src_row + m0 * C * H * W;
+                if (sw == 1) {
+                    float *dst = row + J->pw * ld + m0;
+                    for (int64_t w = 0; w < W; w++, dst += ld)
+                        for (int64_t k = 0; k < mc; k++) dst[k] = src[k * C * H * W + w];
+                    continue;
+                }
                 for (int64_t w = 0; w < W; w++) {
                     const int64_t wp = w + J->pw;
-                    float *dst = row + ((wp % J->sw) * J->Hq * J->Wq + wp / J->sw) * ld;
-                    for (int64_t k = 0; k < mc; k++) dst[k] = src[k * C * H * W + h * W + w];
+                    float *dst = row + (wp % sw) * phase + (wp / sw) * ld + m0;
+                    for (int64_t k = 0; k < mc; k++) dst[k] = src[k * C * H * W + w];
                 }
             }
         }
@@ -346,36 +377,35 @@ static void tap_table(const conv_job *J, int64_t *tapoff) {
     }
 }
 
-/* column cursor of a row: channel c (within the group) and tap t, advanced without division */
-typedef struct {
-    int64_t c, t;
-} tap_cursor;
+/* Input offset of every column (channel within the group c, tap t) of a row, relative to the
+   group's first channel: one table per call, so that decoding a kept weight is a lookup (a
+   running column index instead of a channel/tap cursor: no division, no data-dependent loop) */
+static void column_table(const conv_job *J, int64_t cols, int64_t *colofs) {
+    const int64_t taps = J->KH * J->KW;
+    for (int64_t c = 0, col = 0; col < cols; c++)
+        for (int64_t t = 0; t < taps; t++, col++) colofs[col] = c * J->chan + J->tapoff[t];
+}
 
-static inline void advance(tap_cursor *cur, int64_t step, int64_t taps) {
-    cur->t += step;
-    while (cur->t >= taps) {
-        cur->t -= taps;
-        cur->c++;
-    }
+/* base offset of row o's group of input channels */
+static int64_t group_base(const conv_job *J, int64_t o) {
+    return (o / (J->rows / J->groups)) * (J->C / J->groups) * J->chan;
 }
 
 /* Row o's kept weights: offsets and scaled weights (zero weights of dense-rows layers
-   skipped); returns how many. */
+   skipped, branch-free: the slot is written and kept only when non-zero); returns how many. */
 static int64_t decode_row(const dsq_conv_layer *L, const conv_job *J, int64_t o, float scale,
                           int64_t *off, float *w) {
-    const int64_t taps = J->KH * J->KW;
-    const int64_t base = (o / (J->rows / J->groups)) * (J->C / J->groups) * J->chan;
-    tap_cursor cur = {0, -1};
-    int64_t j = L->symptr[o], count = 0;
+    const int64_t base = group_base(J, o);
+    const int64_t *colofs = J->colofs;
+    int64_t j = L->symptr[o], count = 0, col = -1;
     for (int64_t k = L->rowptr[o]; k < L->rowptr[o + 1]; k++) {
-        if (L->gaps && L->gaps[k] == FILL) { advance(&cur, FILL, taps); continue; }
-        advance(&cur, L->gaps ? L->gaps[k] + 1 : 1, taps);
+        if (L->gaps && L->gaps[k] == FILL) { col += FILL; continue; }
+        col += L->gaps ? L->gaps[k] + 1 : 1;
         const float v = weight_of(L, j);
         j++;
-        if (v == 0.0f) continue;
-        off[count] = base + cur.c * J->chan + J->tapoff[cur.t];
+        off[count] = base + colofs[col];
         w[count] = v * scale;
-        count++;
+        count += v != 0.0f;
     }
     return count;
 }
@@ -397,15 +427,15 @@ static int64_t decode_row_codebook(const dsq_conv_layer *L, const conv_job *J, i
         fill[s] = cnt[s];
         cnt[s + 1] += cnt[s];
     }
-    const int64_t taps = J->KH * J->KW;
-    const int64_t base = (o / (J->rows / J->groups)) * (J->C / J->groups) * J->chan;
-    tap_cursor cur = {0, -1};
+    const int64_t base = group_base(J, o);
+    const int64_t *colofs = J->colofs;
+    int64_t col = -1;
     j = L->symptr[o];
     for (int64_t k = L->rowptr[o]; k < L->rowptr[o + 1]; k++) {
-        if (L->gaps && L->gaps[k] == FILL) { advance(&cur, FILL, taps); continue; }
-        advance(&cur, L->gaps ? L->gaps[k] + 1 : 1, taps);
+        if (L->gaps && L->gaps[k] == FILL) { col += FILL; continue; }
+        col += L->gaps ? L->gaps[k] + 1 : 1;
         const int64_t s = symbol_of(L, j++);
-        if (L->cb[s] != 0.0f) off[fill[s]++] = base + cur.c * J->chan + J->tapoff[cur.t];
+        if (L->cb[s] != 0.0f) off[fill[s]++] = base + colofs[col];
     }
     for (int64_t s = 0; s < L->ncb; s++)
         if (cnt[s + 1] > cnt[s]) {
@@ -503,7 +533,8 @@ int dsq_conv_sparse(const dsq_conv_layer *L, const int64_t *g, int64_t ng, const
     const int64_t copies = per_thread ? nt : 1;
     if (!mul_ok(xfl, 4 * copies, &b_x) || !mul_ok(yfl, 4 * copies, &b_y) ||
         !add_ok(nnz, L->rows + 1, &t) || !mul_ok(t, (int64_t)sizeof(float), &b_fl) ||
-        !mul_ok(t, 3, &t) || !add_ok(t, taps, &t) || !mul_ok(t, (int64_t)sizeof(int64_t), &b_int))
+        !mul_ok(t, 3, &t) || !add_ok(t, taps, &t) || !add_ok(t, taps, &t) ||
+        !mul_ok(t, (int64_t)sizeof(int64_t), &b_int))
         return DSQ_CONV_ESIZE;
     float *X = conv_scratch(0, b_x), *Y = conv_scratch(1, b_y);
     int64_t *ints = conv_scratch(2, b_int);
@@ -513,9 +544,12 @@ int dsq_conv_sparse(const dsq_conv_layer *L, const int64_t *g, int64_t ng, const
     /* kept weights -> (offset, weight) row by row; codebook: by centroid, in segments */
     int64_t *rowptr = ints, *off = ints + L->rows + 1, *segptr = off + nnz;
     int64_t *segend = segptr + L->rows + 1, nseg = 0;
-    int64_t *tapoff = segend + nnz; /* taps entries after the at most nnz segment ends */
+    int64_t *tapoff = segend + nnz; /* KH KW <= cols entries after the nnz segment ends */
+    int64_t *colofs = tapoff + taps; /* then cols (= taps) entries */
     tap_table(&J, tapoff);
     J.tapoff = tapoff;
+    column_table(&J, taps, colofs);
+    J.colofs = colofs;
     rowptr[0] = 0;
     segptr[0] = 0;
     for (int64_t o = 0; o < L->rows; o++) {
