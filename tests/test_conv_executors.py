@@ -255,6 +255,19 @@ def test_the_c_entry_point_checks_its_arguments():
 
 
 @needs_kernel
+def test_kernel_threads_share_torchs_openmp_pool():
+    """Built with OpenMP, the library runs on the libgomp torch has loaded (one pool, no second
+    set of threads spinning against torch's), not on a copy of its own."""
+    maps = Path("/proc/self/maps")
+    if not maps.exists() or "libgomp" not in maps.read_text():
+        pytest.skip("this torch build does not use libgomp")
+    if K.get_kernel().function("dsq_conv_openmp", [])() == 0:
+        pytest.skip("the C compiler has no OpenMP: the kernels use pthreads")
+    mapped = {line.split()[-1] for line in maps.read_text().splitlines() if "libgomp" in line}
+    assert len(mapped) == 1, mapped
+
+
+@needs_kernel
 @pytest.mark.parametrize("name", ["sparse-os", "codebook"])
 def test_two_threads_give_the_one_thread_answer(name):
     m = _conv(16, 24, 3, padding=1, bits=4, density=0.4)

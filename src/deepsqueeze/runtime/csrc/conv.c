@@ -446,6 +446,15 @@ static int64_t decode_row_codebook(const dsq_conv_layer *L, const conv_job *J, i
     return count;
 }
 
+/* The OpenMP version the library was compiled with (yyyymm), 0 when its threads are pthreads */
+int dsq_conv_openmp(void) {
+#ifdef _OPENMP
+    return _OPENMP;
+#else
+    return 0;
+#endif
+}
+
 /* g = {C, H, W, KH, KW, sh, sw, ph, pw, dh, dw, OH, OW, groups, pool, relu, threads, algo}
    (ng = 18); scale: NULL (nscale 0) or rows per-channel factors (a folded BatchNorm); x
    [n, C, H, W] (xlen floats), y [n, rows, OH / pool, OW / pool] (ylen floats). algo 0: weights,
