@@ -255,6 +255,29 @@ def test_the_c_entry_point_checks_its_arguments():
 
 
 @needs_kernel
+@pytest.mark.parametrize("name", ["sparse-os", "codebook"])
+@pytest.mark.parametrize("groups", [1, 2])
+def test_long_gaps_and_filler_entries_land_on_the_right_inputs(name, groups):
+    """Rows whose kept weights are hundreds of columns apart (gaps of 255+ are stored with
+    filler entries) read the right channel and tap: the per-call column table."""
+    m = nn.Conv2d(64 * groups, 4 * groups, 3, padding=1, groups=groups)
+    with torch.no_grad():
+        w = torch.zeros_like(m.weight)
+        cols = w[0].numel()  # 576 per output channel
+        flat = w.view(w.shape[0], cols)
+        for o in range(flat.shape[0]):
+            for c in (o % 3, 300 + o, cols - 1 - o):  # gaps of ~300 and ~270 columns
+                flat[o, c] = (-1.0) ** (o + c) * (0.5 + 0.25 * (c % 4))
+        m.weight.copy_(w)
+    x = torch.randn(3, 64 * groups, 6, 7, generator=torch.Generator().manual_seed(2))
+    ref = F.conv2d(x, m.weight, m.bias, m.stride, m.padding, m.dilation, m.groups)
+    ex = _build(name, m)
+    with torch.inference_mode():
+        _close(ex(x), ref)
+        _close(ex(x[:1]), ref[:1])
+
+
+@needs_kernel
 def test_kernel_threads_share_torchs_openmp_pool():
     """Built with OpenMP, the library runs on the libgomp torch has loaded (one pool, no second
     set of threads spinning against torch's), not on a copy of its own."""
