@@ -131,7 +131,6 @@ typedef struct {
     const int64_t *rowptr; /* rows + 1 into off (and w) */
     const int64_t *off;    /* input offset of each kept weight, row by row */
     const float *w;        /* its weight (weights variant) */
-    const int64_t *tapoff; /* KH x KW: input offset of each tap within a channel */
     const int64_t *colofs; /* cols: input offset of each column within its group */
     const int64_t *segptr; /* codebook variant: rows + 1 into the segments */
     const int64_t *segend; /* end (into off) of each segment: the weights of one centroid */
@@ -367,23 +366,19 @@ static void run_chunks(conv_part *P, int64_t lo, int64_t hi) {
     }
 }
 
-/* Where each tap (kh, kw) of a channel reads, relative to the channel's packed input (one
-   division-heavy pass per call, KH x KW entries) */
-static void tap_table(const conv_job *J, int64_t *tapoff) {
-    for (int64_t t = 0; t < J->KH * J->KW; t++) {
-        const int64_t a = (t / J->KW) * J->dh, b = (t % J->KW) * J->dw;
-        tapoff[t] =
-            ((((a % J->sh) * J->sw + b % J->sw) * J->Hq + a / J->sh) * J->Wq + b / J->sw) * J->ld;
-    }
-}
-
 /* Input offset of every column (channel within the group c, tap t) of a row, relative to the
    group's first channel: one table per call, so that decoding a kept weight is a lookup (a
-   running column index instead of a channel/tap cursor: no division, no data-dependent loop) */
+   running column index instead of a channel/tap cursor: no division, no data-dependent loop).
+   The first channel's KH x KW taps are where the divisions are; each next channel is the
+   previous one's offsets plus a channel of packed input. */
 static void column_table(const conv_job *J, int64_t cols, int64_t *colofs) {
     const int64_t taps = J->KH * J->KW;
-    for (int64_t c = 0, col = 0; col < cols; c++)
-        for (int64_t t = 0; t < taps; t++, col++) colofs[col] = c * J->chan + J->tapoff[t];
+    for (int64_t t = 0; t < taps; t++) {
+        const int64_t a = (t / J->KW) * J->dh, b = (t % J->KW) * J->dw;
+        colofs[t] =
+            ((((a % J->sh) * J->sw + b % J->sw) * J->Hq + a / J->sh) * J->Wq + b / J->sw) * J->ld;
+    }
+    for (int64_t col = taps; col < cols; col++) colofs[col] = colofs[col - taps] + J->chan;
 }
 
 /* base offset of row o's group of input channels */
@@ -542,7 +537,7 @@ int dsq_conv_sparse(const dsq_conv_layer *L, const int64_t *g, int64_t ng, const
     const int64_t copies = per_thread ? nt : 1;
     if (!mul_ok(xfl, 4 * copies, &b_x) || !mul_ok(yfl, 4 * copies, &b_y) ||
         !add_ok(nnz, L->rows + 1, &t) || !mul_ok(t, (int64_t)sizeof(float), &b_fl) ||
-        !mul_ok(t, 3, &t) || !add_ok(t, taps, &t) || !add_ok(t, taps, &t) ||
+        !mul_ok(t, 3, &t) || !add_ok(t, taps, &t) ||
         !mul_ok(t, (int64_t)sizeof(int64_t), &b_int))
         return DSQ_CONV_ESIZE;
     float *X = conv_scratch(0, b_x), *Y = conv_scratch(1, b_y);
@@ -553,10 +548,7 @@ int dsq_conv_sparse(const dsq_conv_layer *L, const int64_t *g, int64_t ng, const
     /* kept weights -> (offset, weight) row by row; codebook: by centroid, in segments */
     int64_t *rowptr = ints, *off = ints + L->rows + 1, *segptr = off + nnz;
     int64_t *segend = segptr + L->rows + 1, nseg = 0;
-    int64_t *tapoff = segend + nnz; /* KH KW <= cols entries after the nnz segment ends */
-    int64_t *colofs = tapoff + taps; /* then cols (= taps) entries */
-    tap_table(&J, tapoff);
-    J.tapoff = tapoff;
+    int64_t *colofs = segend + nnz; /* cols (= taps) entries after the nnz segment ends */
     column_table(&J, taps, colofs);
     J.colofs = colofs;
     rowptr[0] = 0;
