@@ -287,6 +287,13 @@ def _values(value: Any) -> list[tuple[str, Any]]:
     return [("", value)]
 
 
+def _check_rank(value: Any) -> Any:
+    for key, v in _values(value):
+        if isinstance(v, bool) or v < 1:
+            raise ValueError(f"{key}rank must be a positive integer, got {v}")
+    return value
+
+
 def _check_energy(value: Any) -> Any:
     for key, v in _values(value):
         if not 0.0 < v <= 1.0:
@@ -317,10 +324,7 @@ class RankParams(MethodParams):
     @field_validator("rank")
     @classmethod
     def _rank_range(cls, value: Any) -> Any:
-        for key, v in _values(value):
-            if isinstance(v, bool) or v < 1:
-                raise ValueError(f"{key}rank must be a positive integer, got {v}")
-        return value
+        return _check_rank(value)
 
     @field_validator("energy")
     @classmethod
@@ -899,10 +903,7 @@ class CPParams(MethodParams):
     @field_validator("rank")
     @classmethod
     def _rank_range(cls, value: Any) -> Any:
-        for key, v in _values(value):
-            if isinstance(v, bool) or v < 1:
-                raise ValueError(f"{key}rank must be a positive int, got {v}")
-        return value
+        return _check_rank(value)
 
     @field_validator("ratio")
     @classmethod
