@@ -203,7 +203,10 @@ def first_inputs(data: DataLike) -> Inputs:
 
 
 def sample_count(data: Iterable[Any]) -> int | None:
-    """Number of samples of ``data`` when it can be told without iterating, else None."""
+    """Number of samples of ``data`` (a DataLoader, a Dataset, a pair ``(X, y)``, one of our
+    datasets) when it can be told without iterating, else None."""
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        return len(_pair_dataset(data))  # type: ignore[arg-type]
     dataset = data.dataset if isinstance(data, DataLoader) else data
     try:
         return len(dataset)  # type: ignore[arg-type]

@@ -4,7 +4,8 @@ A method is a named, configurable transform of selected layers, scikit-learn sty
 ``method = METHODS["prune"](sparsity=0.9)``; ``method.apply(model, layers)`` puts the model in
 its *training form* (parametrizations of ``weight`` such as masks or codebooks, or module
 replacement where shapes change); ``method.step_hooks()`` returns hooks the fine-tuning loop calls
-after every optimizer step (sparsity schedules); ``method.finalize(model)`` runs once after
+after every optimizer step (sparsity schedules); ``method.loss_terms()`` returns terms the loop
+adds to every batch's loss (a prior's KL divergence); ``method.finalize(model)`` runs once after
 fine-tuning. Methods compose by applying them one after another (prune → share).
 
 How a compressed weight is *stored* is decided from the weight itself when the model is saved
@@ -20,6 +21,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ClassVar
 
+import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 
@@ -30,6 +32,12 @@ StepHook = Callable[[int, nn.Module], None]
 
 Defined here, below the training loop: methods hand hooks to whichever loop trains the model
 (``training.fit``, or the user's own loop through ``pipeline.CompressionSession.step``)."""
+
+LossTerm = Callable[[int, nn.Module], torch.Tensor]
+"""Called for every batch with the stage's step index (0-based) and the model; returns a scalar
+tensor the loop adds to the batch's mean loss before the backward pass (a regularizer or a
+variational KL term, already divided by the training-set size). Like :data:`StepHook`, handed to
+whichever loop trains the model (``training.fit``, or ``CompressionSession.loss_term()``)."""
 
 LAYER_TYPES: dict[str, type[nn.Module]] = {
     "Linear": nn.Linear, "Conv1d": nn.Conv1d, "Conv2d": nn.Conv2d, "Embedding": nn.Embedding,
@@ -118,15 +126,24 @@ class Method(ABC):
     def apply(self, model: nn.Module, layers: dict[str, nn.Module]) -> None:
         """Put ``layers`` of ``model`` into this method's training form (in place)."""
 
-    def use_data(self, data: Any, loss_fn: Callable[..., Any] | None = None) -> None:  # noqa: B027
+    def use_data(  # noqa: B027
+        self, data: Any, loss_fn: Callable[..., Any] | None = None, *,
+        train_size: int | None = None,
+    ) -> None:
         """Training data for a method that measures something when applied (calibration,
         neuron importance): ``data`` is what the trainer takes (a Dataset, a DataLoader,
-        ``(X, y)``; batches of ``(inputs, target)``), ``loss_fn(outputs, target)`` the loss
-        (None: cross-entropy). The session hands the stage's data over before :meth:`apply`;
-        a method's own explicit data settings take precedence. Ignored by default."""
+        ``(X, y)``; batches of ``(inputs, target)``), possibly a sample of the fine-tuning set
+        whose full size is ``train_size`` (None: ``data`` is all of it); ``loss_fn(outputs,
+        target)`` the loss (None: cross-entropy). The session hands the stage's data over
+        before :meth:`apply`; a method's own explicit data settings take precedence. Ignored by
+        default."""
 
     def step_hooks(self) -> list[StepHook]:
         """Hooks for the fine-tuning loop (e.g. a sparsity schedule); none by default."""
+        return []
+
+    def loss_terms(self) -> list[LossTerm]:
+        """Terms the fine-tuning loop adds to every batch's loss; none by default."""
         return []
 
     def finalize(self, model: nn.Module) -> None:  # noqa: B027 (optional hook)

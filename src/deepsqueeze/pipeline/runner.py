@@ -19,7 +19,14 @@ import torch
 from torch import nn
 
 from deepsqueeze.data import ImageDataset, load_dataset
-from deepsqueeze.data.loaders import DataLike, Inputs, first_inputs, is_data, iter_batches
+from deepsqueeze.data.loaders import (
+    DataLike,
+    Inputs,
+    first_inputs,
+    is_data,
+    iter_batches,
+    sample_count,
+)
 from deepsqueeze.errors import DeepSqueezeError, ModelError, OptionError, RecipeError
 from deepsqueeze.io import load_model
 from deepsqueeze.metrics.accuracy import LossFn, Metric, accuracy_and_loss, evaluate_batches
@@ -318,7 +325,8 @@ def compress(
                       "the data)")
     score = _scorer(data.eval, loss_fn, metric)
     if data.train is not None:  # what methods measure on when applied (calibration, importance)
-        session.use_data(_method_data(data.train), loss_fn)
+        session.use_data(_method_data(data.train), loss_fn,
+                         train_size=sample_count(data.train))
     dense_parameters = parameter_count(model)
     skeleton = copy.deepcopy(model) if (out is not None and user_model) else None
     acc, value, name = score(model)
@@ -343,6 +351,7 @@ def compress(
                 cfg,
                 test_set=None,
                 step_hooks=[session.fit_hook],
+                loss_terms=[session.fit_loss_term],
                 progress=progress,
                 description=f"stage {index + 1} {stage.label}",
                 teacher=teacher,

@@ -8,7 +8,7 @@ Lightning, Hugging Face) drive the same stages with a :class:`CompressionSession
     for stage in session:                  # each stage: method applied, then finalized at the end
         opt = torch.optim.SGD(model.parameters(), lr=0.01)  # after the stage is applied
         for x, y in loader:
-            loss = loss_fn(model(x), y)
+            loss = loss_fn(model(x), y) + session.loss_term()  # a method's prior (KL), or 0
             opt.zero_grad(); loss.backward(); opt.step()
             session.step()                 # after every optimizer step: drives the schedules
     session.save("model.dsq")              # finalize() (bakes), then deepsqueeze.save(...)
@@ -28,9 +28,9 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from deepsqueeze import models
-from deepsqueeze.data.loaders import Inputs
+from deepsqueeze.data.loaders import Inputs, sample_count
 from deepsqueeze.errors import DeepSqueezeError, ModelError, RecipeError
-from deepsqueeze.methods.base import Method, StepHook, select_layers
+from deepsqueeze.methods.base import LossTerm, Method, StepHook, select_layers
 from deepsqueeze.metrics.size import parameter_count
 from deepsqueeze.outputs import check_output_file
 from deepsqueeze.pipeline.recipe import Recipe, Stage, load_recipe
@@ -118,15 +118,19 @@ class CompressionSession:
         self.layers: dict[str, nn.Module] = {}
         self.steps = 0  # optimizer steps of the current stage
         self._hooks: list[StepHook] = []
+        self._terms: list[LossTerm] = []
         self._open = False  # the current stage is applied and not yet finalized
         self._finalized = False
         self.data: Any = None
         self.loss_fn: Callable[..., Any] | None = None
 
-    def use_data(self, data: Any, loss_fn: Callable[..., Any] | None = None) -> None:
+    def use_data(self, data: Any, loss_fn: Callable[..., Any] | None = None, *,
+                 train_size: int | None = None) -> None:
         """Training data handed to each stage's method before it is applied (calibration of
-        ``quantize``, neuron importance of ``sparse-svd``; see :meth:`Method.use_data`)."""
-        self.data, self.loss_fn = data, loss_fn
+        ``quantize``, neuron importance of ``sparse-svd``, the KL scale of ``sparse-vd``; see
+        :meth:`Method.use_data`); ``train_size``: the fine-tuning set's size when ``data`` is a
+        sample of it."""
+        self.data, self.loss_fn, self.train_size = data, loss_fn, train_size
 
     # --- the current stage --------------------------------------------------------------------
 
@@ -164,10 +168,11 @@ class CompressionSession:
         layers = select_layers(self.model, method.params.layers, method.supported)
         check_finite(self.model, layers)
         if self.data is not None:
-            method.use_data(self.data, self.loss_fn)
+            method.use_data(self.data, self.loss_fn, train_size=self.train_size)
         method.apply(self.model, layers)
         self.layers = layers
         self._hooks = method.step_hooks()
+        self._terms = method.loss_terms()
         self.steps = 0
         self._open = True
         return self.recipe.stages[self.index]
@@ -184,6 +189,25 @@ class CompressionSession:
             hook(self.steps, self.model)
         self.steps += 1
 
+    def loss_term(self) -> torch.Tensor:
+        """What the current stage's method adds to the loss of the next batch (e.g. sparse
+        variational dropout's KL divergence; a zero tensor for most methods): in your own loop,
+        ``loss = criterion(model(x), y) + session.loss_term()`` before ``backward()``."""
+        if not self._open:
+            raise DeepSqueezeError(
+                "session.loss_term() outside a stage: start one (prepare, next_stage, or iterate "
+                "over the session) before training"
+            )
+        total = torch.zeros(())
+        for term in self._terms:
+            extra = term(self.steps, self.model)
+            total = total.to(extra.device) + extra
+        return total
+
+    def fit_loss_term(self, _step: int, _model: nn.Module) -> torch.Tensor:
+        """:meth:`loss_term` as a ``training.fit`` loss term."""
+        return self.loss_term()
+
     def fit_hook(self, _step: int, _model: nn.Module) -> None:
         """:meth:`step` as a ``training.fit`` step hook."""
         self.step()
@@ -192,7 +216,7 @@ class CompressionSession:
         """Finalize the current stage's method (no-op when no stage is running)."""
         if self._open:
             self.methods[self.index].finalize(self.model)
-            self._hooks = []
+            self._hooks, self._terms = [], []
             self._open = False
 
     def next_stage(self) -> Stage | None:
@@ -261,12 +285,17 @@ def prepare(
     recipe: Recipe | str | Path | dict[str, Any],
     *,
     example_inputs: Inputs | None = None,
+    train_data: Any = None,
 ) -> CompressionSession:
     """Start compressing ``model`` in place with ``recipe`` in the user's own training loop:
     the first stage's method is applied; see :class:`CompressionSession`. ``example_inputs``
     (a tensor or a tuple, batch dimension first) are checked to run through the model and are
-    what :meth:`CompressionSession.save` records."""
+    what :meth:`CompressionSession.save` records. ``train_data`` (a Dataset, DataLoader or
+    ``(X, y)``) is handed to the methods that measure on it or need its size
+    (:meth:`CompressionSession.use_data`)."""
     session = CompressionSession(model, recipe, example_inputs=example_inputs)
+    if train_data is not None:
+        session.use_data(train_data, train_size=sample_count(train_data))
     session.start_stage()
     return session
 

@@ -37,7 +37,7 @@ from deepsqueeze.data.loaders import (
 )
 from deepsqueeze.errors import CheckpointError, DataError, DeepSqueezeError, OptionError
 from deepsqueeze.io import CHECKPOINT_FORMAT, FORMAT_VERSION, atomic_save, safe_load
-from deepsqueeze.methods.base import StepHook
+from deepsqueeze.methods.base import LossTerm, StepHook
 from deepsqueeze.metrics.accuracy import (
     AccuracyResult,
     LossFn,
@@ -223,6 +223,20 @@ def _checkpoint_state(model, opt, sched, scaler, epoch, cfg, history) -> dict[st
     }
 
 
+def _add_terms(loss: torch.Tensor, terms: Sequence[LossTerm], step: int,
+               model: nn.Module) -> torch.Tensor:
+    """``loss`` plus each method's loss term at ``step`` (each must be a finite scalar)."""
+    for term in terms:
+        extra = term(step, model)
+        if not isinstance(extra, torch.Tensor) or extra.dim() != 0:
+            raise DeepSqueezeError(
+                f"a loss term must return a scalar tensor, {term!r} returned "
+                f"{type(extra).__name__} {tuple(getattr(extra, 'shape', ()))}"
+            )
+        loss = loss + extra.to(loss.dtype)
+    return loss
+
+
 def _per_sample_loss(
     logits: torch.Tensor, y: torch.Tensor, x: torch.Tensor, teacher: nn.Module | None,
     cfg: TrainConfig,
@@ -252,6 +266,7 @@ def fit(
     teacher: nn.Module | None = None,
     loss_fn: LossFn | None = None,
     metric: Metric | None = None,
+    loss_terms: Sequence[LossTerm] = (),
 ) -> FitResult:
     """Train ``model`` in place on ``train_set`` and return the history.
 
@@ -267,7 +282,9 @@ def fit(
 
     With ``config.distill > 0`` the loss is ``(1 - distill) * cross-entropy + distill * T² *
     KL(teacher || model)`` on softened outputs (temperature ``T``); ``teacher`` is then required
-    and is only run forward, in eval mode.
+    and is only run forward, in eval mode. Each of ``loss_terms`` (``term(step, model)``, a
+    method's prior such as sparse variational dropout's KL divergence) is added to every batch's
+    mean loss.
 
     With ``out_dir``, a checkpoint is written atomically after every epoch and one JSON line per
     epoch is appended to ``metrics.jsonl``; ``resume=True`` continues from that checkpoint.
@@ -285,11 +302,11 @@ def fit(
             and (test_set is None or _is_image_data(test_set))):
         return _fit_images(model, train_set, config, test_set=test_set, out_dir=out_dir,
                            resume=resume, step_hooks=step_hooks, progress=progress,
-                           description=description, teacher=teacher)
+                           description=description, teacher=teacher, loss_terms=loss_terms)
     return _fit_batches(model, train_set, config, test_set=test_set, out_dir=out_dir,
                         resume=resume, step_hooks=step_hooks, progress=progress,
                         description=description, teacher=teacher, loss_fn=loss_fn,
-                        metric=metric)
+                        metric=metric, loss_terms=loss_terms)
 
 
 def _is_image_data(data: Any) -> bool:
@@ -315,6 +332,7 @@ def _fit_images(
     progress: bool,
     description: str,
     teacher: nn.Module | None,
+    loss_terms: Sequence[LossTerm] = (),
 ) -> FitResult:
     """``fit`` on one of our datasets: in-memory tensors, index-slice batches, checkpoints."""
     cfg = config or TrainConfig()
@@ -420,6 +438,8 @@ def _fit_images(
                             # the W ranks, the gradient is the mean over the global batch
                             per_sample = shard.weight * per_sample
                             loss = per_sample.sum() * (ctx.world_size / shard.global_size)
+                        # a prior's term, the same on every rank: DDP's mean keeps it once
+                        loss = _add_terms(loss, loss_terms, step, model)
                     if not torch.isfinite(loss):
                         where = f" on rank {ctx.rank}" if ctx.is_distributed else ""
                         raise DeepSqueezeError(
@@ -586,6 +606,7 @@ def _fit_batches(
     teacher: nn.Module | None,
     loss_fn: LossFn | None,
     metric: Metric | None,
+    loss_terms: Sequence[LossTerm] = (),
 ) -> FitResult:
     """``fit`` on the user's own data: batches of ``(inputs, target)``, the user's loss."""
     cfg = config or TrainConfig()
@@ -648,6 +669,7 @@ def _fit_batches(
                 with policy.autocast(device):
                     outputs = model(*xs)
                     loss = _batch_loss(outputs, y, xs, teacher, cfg, loss_fn)
+                    loss = _add_terms(loss, loss_terms, step, model)
                 if not torch.isfinite(loss):
                     raise DeepSqueezeError(
                         f"loss became {loss.item()} at epoch {epoch + 1} step {i + 1}; lower the "
