@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -9,18 +10,23 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from typer.testing import CliRunner
 
 import deepsqueeze
-from deepsqueeze import dsq
+from deepsqueeze import dsq, models
+from deepsqueeze.cli import app
 from deepsqueeze.codec.container import read_dsq
 from deepsqueeze.data.loaders import sample_count
 from deepsqueeze.errors import DeepSqueezeError, ModelError, RecipeError
+from deepsqueeze.io import save_model
 from deepsqueeze.methods import create_method, select_layers
 from deepsqueeze.methods.pruning import PruningMask
 from deepsqueeze.methods.variational_dropout import kl_divergence, log_alpha
 from deepsqueeze.pipeline import CompressionSession
 from deepsqueeze.training import fit
 from deepsqueeze.training.loop import TrainConfig
+
+from .conftest import needs_mnist
 
 torch.set_num_threads(1)
 
@@ -143,7 +149,7 @@ def test_composes_after_prune_and_refuses_what_it_cannot_handle() -> None:
     share.apply(shared, select_layers(shared, None, share.supported))
     with pytest.raises(ModelError, match="apply sparse-vd before share"):
         create_method("sparse-vd", train_size=1).apply(shared, {"1": shared[1]})
-    with pytest.raises(ModelError, match="set params.train_size"):
+    with pytest.raises(ModelError, match=r"set params\.train_size"):
         create_method("sparse-vd").apply(_mlp(), {"1": _mlp()[1]})
     with pytest.raises(RecipeError, match="kl_weight"):
         create_method("sparse-vd", kl_weight=-1)
@@ -176,10 +182,10 @@ def test_compress_gives_the_full_training_size_and_a_users_loop_gets_the_term() 
     assert method.train_size == 512  # the full set, not the sample methods measure on
     term = session.loss_term()
     assert term.dim() == 0 and term.requires_grad
-    assert float(term) == pytest.approx(float(method.kl()) * (1 / 4) / 512, rel=1e-5)
+    kl = float(method.kl().detach())
+    assert float(term.detach()) == pytest.approx(kl * (1 / 4) / 512, rel=1e-5)
     session.step()
-    assert float(session.loss_term()) == pytest.approx(float(method.kl()) * (2 / 4) / 512,
-                                                       rel=1e-5)
+    assert float(session.loss_term().detach()) == pytest.approx(kl * (2 / 4) / 512, rel=1e-5)
     session.next_stage()  # share: no loss term
     assert float(session.loss_term()) == 0.0
 
@@ -194,3 +200,27 @@ def test_fit_refuses_a_loss_term_that_is_not_a_scalar() -> None:
 def test_sample_count_of_a_pair_counts_rows() -> None:
     assert sample_count((torch.zeros(7, 3), torch.zeros(7))) == 7
     assert sample_count(torch.utils.data.TensorDataset(torch.zeros(5, 2))) == 5
+
+
+@needs_mnist
+def test_cli_compress_with_sparse_vd(tmp_path: Path) -> None:
+    """`deepsqueeze compress` runs a sparse-vd recipe: the KL is divided by the fine-tuning set's
+    size (the 5,000-sample subset), the file holds the sparse weights and scores as the model."""
+    net = models.create("lenet300")
+    save_model(net, tmp_path / "dense.pt")
+    recipe = tmp_path / "vd.yaml"
+    recipe.write_text(json.dumps({"name": "vd", "model": "lenet300", "dataset": "mnist",
+                                  "stages": [
+        {"method": "sparse-vd", "params": {"kl_weight": 20.0},
+         "finetune": {"epochs": 2, "optimizer": "adam", "lr": 0.003, "weight_decay": 0.0}},
+        {"method": "share", "params": {"bits": 4}}]}))
+    res = CliRunner().invoke(app, ["compress", str(tmp_path / "dense.pt"), "--recipe",
+                                   str(recipe), "--out", str(tmp_path / "m.dsq"), "--subset",
+                                   "5000", "--no-progress", "--json", str(tmp_path / "c.json")])
+    assert res.exit_code == 0, res.output
+    numbers = json.loads((tmp_path / "c.json").read_text())
+    method = numbers["stages"][0]["method"]
+    assert method["kl_divisor"] == 5000  # the subset fine-tuned on, not the 4,096-sample probe
+    assert method["kept_fraction"]["fc1"] < 0.9, method
+    loaded = dsq.load(tmp_path / "m.dsq")
+    assert float((loaded.fc1.weight == 0).float().mean()) > 0.1

@@ -199,6 +199,8 @@ class SparseVariationalDropout(Method):
                 kept = {n: float(s.keep().float().mean()) for n, s in self._states.items()}
         if kept is not None:
             out["kept_fraction"] = kept
+        if self._states:
+            out["kl_divisor"] = self.train_size
         return out
 
 
