@@ -227,6 +227,7 @@ def save(
             key,
             tensor,
             huffman=opts.huffman,
+            ans=opts.ans,
             index_bits=opts.index_bits,
             codebook_dtype=opts.codebook_dtype,
             dense_dtype=opts.dense_dtype,

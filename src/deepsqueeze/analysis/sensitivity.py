@@ -52,7 +52,7 @@ class TensorBytes:
 
     def _encode(self, name: str, tensor: torch.Tensor) -> int:
         o = self.encode
-        return encode_tensor(name, tensor, huffman=o.huffman, index_bits=o.index_bits,
+        return encode_tensor(name, tensor, huffman=o.huffman, ans=o.ans, index_bits=o.index_bits,
                              codebook_dtype=o.codebook_dtype, dense_dtype=o.dense_dtype).nbytes
 
     def layer(self, layer: str) -> int:

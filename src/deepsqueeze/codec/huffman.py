@@ -185,21 +185,26 @@ def _canonical_codes(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 # --------------------------------------------------------------------------- encode
 
 
+def write_alphabet(used: np.ndarray) -> tuple[int, int, bytes]:
+    """``(mode, first symbol, bytes after it)`` of the sorted used symbols, in the smallest of
+    the three alphabet forms (contiguous, gap list, bitmap); shared with the ANS stream."""
+    k = used.size
+    lo, hi = int(used[0]), int(used[-1])
+    if hi - lo == k - 1:
+        return _MODE_CONTIGUOUS, lo, b""
+    as_list = encode_uvarints(np.diff(used) - 1)
+    as_bitmap = encode_uvarint(hi - lo)
+    if len(as_bitmap) + (hi - lo + 8) // 8 < len(as_list):
+        present = np.zeros(hi - lo + 1, dtype=np.uint8)
+        present[used - lo] = 1
+        return _MODE_BITMAP, lo, as_bitmap + np.packbits(present).tobytes()
+    return _MODE_LIST, lo, as_list
+
+
 def _header(count: int, used: np.ndarray, lengths: np.ndarray) -> bytes:
     k = used.size
     lw = (int(lengths.max()) - 1).bit_length()
-    lo, hi = int(used[0]), int(used[-1])
-    if hi - lo == k - 1:
-        mode, alphabet = _MODE_CONTIGUOUS, b""
-    else:
-        as_list = encode_uvarints(np.diff(used) - 1)
-        as_bitmap = encode_uvarint(hi - lo)
-        if len(as_bitmap) + (hi - lo + 8) // 8 < len(as_list):
-            present = np.zeros(hi - lo + 1, dtype=np.uint8)
-            present[used - lo] = 1
-            mode, alphabet = _MODE_BITMAP, as_bitmap + np.packbits(present).tobytes()
-        else:
-            mode, alphabet = _MODE_LIST, as_list
+    mode, lo, alphabet = write_alphabet(used)
     out = bytearray(encode_uvarint(count))
     out += encode_uvarint(k)
     out.append(lw | (mode << 3))
@@ -257,6 +262,42 @@ def huffman_encode(symbols: np.ndarray, max_len: int = MAX_CODE_LENGTH) -> bytes
 # --------------------------------------------------------------------------- decode
 
 
+def read_alphabet(
+    raw: np.ndarray, pos: int, k: int, mode: int, what: str
+) -> tuple[np.ndarray, int]:
+    """The ``k`` sorted symbols written by :func:`write_alphabet` (its first symbol at
+    ``pos``) and the position after them; every symbol checked against :data:`MAX_SYMBOL`."""
+    if mode not in (_MODE_CONTIGUOUS, _MODE_LIST, _MODE_BITMAP):
+        raise DsqFormatError(f"{what}: unknown alphabet mode {mode}")
+    first, pos = decode_uvarint(raw, pos)
+    if first > MAX_SYMBOL:
+        raise DsqFormatError(f"{what}: symbol {first} exceeds {MAX_SYMBOL}")
+    if mode == _MODE_CONTIGUOUS:
+        symbols = first + np.arange(k, dtype=np.int64)
+    elif mode == _MODE_LIST:
+        gaps, pos = decode_uvarints(raw, pos, k - 1)
+        if gaps.size and int(gaps.max()) > MAX_SYMBOL:
+            raise DsqFormatError(f"{what}: symbol gap out of range")
+        symbols = first + np.concatenate(([0], np.cumsum(gaps + 1)))
+    else:
+        span, pos = decode_uvarint(raw, pos)
+        nbytes = (span + 8) // 8
+        if span > MAX_SYMBOL or pos + nbytes > raw.size:
+            raise DsqFormatError(f"{what}: truncated or oversized symbol bitmap")
+        present = np.unpackbits(raw[pos : pos + nbytes])
+        pos += nbytes
+        if present[span + 1 :].any() or not (present[0] and present[span]):
+            raise DsqFormatError(f"{what}: symbol bitmap has bad end or padding bits")
+        symbols = first + np.flatnonzero(present)
+        if symbols.size != k:
+            raise DsqFormatError(
+                f"{what}: symbol bitmap holds {symbols.size} symbols, header says {k}"
+            )
+    if int(symbols[-1]) > MAX_SYMBOL:
+        raise DsqFormatError(f"{what}: symbol {int(symbols[-1])} exceeds {MAX_SYMBOL}")
+    return symbols, pos
+
+
 def _read_header(raw: np.ndarray) -> tuple[int, np.ndarray, np.ndarray, int]:
     """Parse and validate the header; returns (count, symbols, lengths, bitstream start)."""
     count, pos = decode_uvarint(raw, 0)
@@ -281,32 +322,7 @@ def _read_header(raw: np.ndarray) -> tuple[int, np.ndarray, np.ndarray, int]:
     lw, mode = desc & 7, desc >> 3
     if lw > 5 or mode not in (_MODE_CONTIGUOUS, _MODE_LIST, _MODE_BITMAP):
         raise DsqFormatError(f"Huffman stream: bad descriptor byte 0x{desc:02x}")
-    first, pos = decode_uvarint(raw, pos)
-    if first > MAX_SYMBOL:
-        raise DsqFormatError(f"Huffman stream: symbol {first} exceeds {MAX_SYMBOL}")
-    if mode == _MODE_CONTIGUOUS:
-        symbols = first + np.arange(k, dtype=np.int64)
-    elif mode == _MODE_LIST:
-        gaps, pos = decode_uvarints(raw, pos, k - 1)
-        if gaps.size and int(gaps.max()) > MAX_SYMBOL:
-            raise DsqFormatError("Huffman stream: symbol gap out of range")
-        symbols = first + np.concatenate(([0], np.cumsum(gaps + 1)))
-    else:
-        span, pos = decode_uvarint(raw, pos)
-        nbytes = (span + 8) // 8
-        if span > MAX_SYMBOL or pos + nbytes > raw.size:
-            raise DsqFormatError("Huffman stream: truncated or oversized symbol bitmap")
-        present = np.unpackbits(raw[pos : pos + nbytes])
-        pos += nbytes
-        if present[span + 1 :].any() or not (present[0] and present[span]):
-            raise DsqFormatError("Huffman stream: symbol bitmap has bad end or padding bits")
-        symbols = first + np.flatnonzero(present)
-        if symbols.size != k:
-            raise DsqFormatError(
-                f"Huffman stream: symbol bitmap holds {symbols.size} symbols, header says {k}"
-            )
-    if int(symbols[-1]) > MAX_SYMBOL:
-        raise DsqFormatError(f"Huffman stream: symbol {int(symbols[-1])} exceeds {MAX_SYMBOL}")
+    symbols, pos = read_alphabet(raw, pos, k, mode, "Huffman stream")
     if lw == 0:
         lengths = np.ones(k, dtype=np.int64)
     else:

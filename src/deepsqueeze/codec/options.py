@@ -21,6 +21,9 @@ class EncodeOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     huffman: bool = Field(True, description="Huffman-code indices and gaps when that is smaller")
+    ans: bool = Field(True, description="rANS-code indices and gaps (static model, "
+                      "docs/format.md) when that is smaller still; false writes files that "
+                      "deepsqueeze versions before it read")
     index_bits: Annotated[int, Field(ge=1, le=MAX_INDEX_BITS)] | Literal["auto"] = Field(
         "auto", description="bits per relative index of sparse positions (1..16; the reader "
         "refuses wider); auto picks the smallest"

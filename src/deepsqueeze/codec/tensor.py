@@ -10,9 +10,9 @@ it builds every applicable encoding and keeps the smallest (the real byte count 
   + the raw nonzero values;
 - ``sparse-codebook``: relative indices + one codebook index per stored entry (Deep Compression).
 
-Index streams are Huffman-coded when that is smaller than fixed-width packing. The relative index
-always ends at the tensor's last element (stored as a zero if it is zero), so the decoder knows
-the tensor is fully covered and can bound its allocation by the entries it actually read.
+Index streams are Huffman- or rANS-coded when that is smaller than fixed-width packing. The
+relative index always ends at the tensor's last element (stored as a zero if it is zero), so the
+decoder knows the tensor is fully covered and can bound its allocation by the entries it read.
 Methods that change a layer's structure store it as a layer kind whose tensors come here too.
 """
 
@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from deepsqueeze.codec.ans import ans_decode, ans_encode
 from deepsqueeze.codec.bits import pack_bits, unpack_bits
 from deepsqueeze.codec.huffman import huffman_decode, huffman_encode
 from deepsqueeze.codec.sparse import best_index_bits, relative_index_decode, relative_index_encode
@@ -77,14 +78,20 @@ def _with_int8(candidates: list[EncodedTensor], values: np.ndarray, key: str) ->
         candidates.append(EncodedTensor({**last.entry, "dtype": "int8"}, sections))
 
 
-def _code_indices(symbols: np.ndarray, bits: int, huffman: bool) -> tuple[bytes, str]:
-    """The smaller of Huffman and fixed-width packing of an index stream."""
-    fixed = pack_bits(symbols, bits) if symbols.size else b""
+def _code_indices(symbols: np.ndarray, bits: int, huffman: bool,
+                  ans: bool = False) -> tuple[bytes, str]:
+    """The smallest of fixed-width packing, Huffman and (``ans``) rANS coding of an index
+    stream."""
+    best = (pack_bits(symbols, bits) if symbols.size else b"", "fixed")
     if huffman and symbols.size:
         coded = huffman_encode(symbols)
-        if len(coded) < len(fixed):
-            return coded, "huffman"
-    return fixed, "fixed"
+        if len(coded) < len(best[0]):
+            best = (coded, "huffman")
+    if ans and symbols.size and np.any(symbols != symbols.flat[0]):
+        coded = ans_encode(symbols)
+        if len(coded) < len(best[0]):
+            best = (coded, "ans")
+    return best
 
 
 def _decode_indices(data: bytes, coding: str, bits: int, count: int, what: str) -> np.ndarray:
@@ -93,6 +100,8 @@ def _decode_indices(data: bytes, coding: str, bits: int, count: int, what: str) 
         if out.size != count:
             raise DsqFormatError(f"{what}: {out.size} symbols decoded, expected {count}")
         return out
+    if coding == "ans":
+        return ans_decode(data, count)
     if coding == "fixed":
         return unpack_bits(data, bits, count)
     raise DsqFormatError(f"{what}: unknown index coding {coding!r}")
@@ -110,8 +119,11 @@ def encode_tensor(
     index_bits: int | str = "auto",
     codebook_dtype: str = "float32",
     dense_dtype: str = "float32",
+    ans: bool = False,
 ) -> EncodedTensor:
-    """Encode ``tensor`` (floating point) under section names prefixed by ``name``."""
+    """Encode ``tensor`` (floating point) under section names prefixed by ``name``; index
+    streams are rANS-coded too where that is smaller with ``ans`` (files older readers cannot
+    open: off by default here, on by default in :class:`EncodeOptions`)."""
     t = tensor.detach().cpu()
     if not torch.is_floating_point(t):
         raw = t.numpy().astype(DTYPES["int64"]).tobytes()
@@ -136,7 +148,7 @@ def encode_tensor(
         codebook_dtype == dense_dtype)
     if distinct.size <= MAX_CODEBOOK and distinct.size < values.size // 2 and exact_codebook:
         bits = _bits_for(distinct.size)
-        coded, coding = _code_indices(inverse, bits, huffman)
+        coded, coding = _code_indices(inverse, bits, huffman, ans)
         candidates.append(
             EncodedTensor(
                 {
@@ -172,7 +184,7 @@ def encode_tensor(
         gaps, _ = relative_index_encode(positions, ib)
         entry_pos = np.cumsum(gaps + 1) - 1
         entry_vals = values[entry_pos]  # fillers and a zero last element read as 0.0
-        gap_bytes, gap_coding = _code_indices(gaps, ib, huffman)
+        gap_bytes, gap_coding = _code_indices(gaps, ib, huffman, ans)
         sparse_base = {
             **base,
             "index_bits": ib,
@@ -194,7 +206,7 @@ def encode_tensor(
             symbols = np.searchsorted(nz_distinct, entry_vals)
             symbols[entry_vals == 0] = nz_distinct.size
             bits = _bits_for(nz_distinct.size + 1)
-            coded, coding = _code_indices(symbols, bits, huffman)
+            coded, coding = _code_indices(symbols, bits, huffman, ans)
             candidates.append(
                 EncodedTensor(
                     {
