@@ -212,3 +212,18 @@ def test_forged_ans_sections_are_refused_by_the_loader_and_the_runtime(tmp_path:
         with pytest.raises(DsqFormatError):
             load_runtime(forged, model=_sparse_mlp())
             pytest.fail(change.__name__)
+
+
+def test_sparse_positions_coded_below_one_bit_per_entry_decode() -> None:
+    """Gaps of a regular pattern cost < 1 bit each under rANS: the decoder's size bound on the
+    entry count must not assume Huffman's 1 bit per entry (it uses the tensor's size)."""
+    positions = np.cumsum(np.where(np.arange(4000) % 97 == 0, 4, 3))
+    values = torch.zeros(int(positions[-1]) + 1)
+    values[torch.as_tensor(positions)] = torch.where(
+        torch.as_tensor(np.arange(4000) % 3 == 0), 0.5, -0.25)
+    enc = encode_tensor("w", values, ans=True)
+    assert enc.entry["encoding"].startswith("sparse") and enc.entry["index_coding"] == "ans"
+    assert 8 * len(enc.sections["w:index"]) < enc.entry["entries"]
+    assert torch.equal(decode_tensor(enc.entry, enc.sections), values)
+    with pytest.raises(DsqFormatError, match="entry count"):
+        decode_tensor({**enc.entry, "entries": values.numel() + 1}, enc.sections)

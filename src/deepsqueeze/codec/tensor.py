@@ -281,7 +281,11 @@ def sparse_positions(
     """Flat positions of a sparse entry's stored values (fillers included), fully checked."""
     ib = _field(entry, "index_bits", int, name)
     entries = _field(entry, "entries", int, name)
-    if not 1 <= ib <= MAX_INDEX_BITS or entries > 8 * len(sections.get(f"{name}:index", b"")) + 1:
+    # every entry advances at least one position; fixed and Huffman gaps cost >= 1 bit each
+    # (rANS gaps may cost less: for them the tensor's size is the bound)
+    bits_bound = (entry.get("index_coding") != "ans"
+                  and entries > 8 * len(sections.get(f"{name}:index", b"")) + 1)
+    if not 1 <= ib <= MAX_INDEX_BITS or not 0 <= entries <= total or bits_bound:
         raise DsqFormatError(f"tensor {name}: index_bits {ib} or entry count {entries} invalid")
     if total > entries * (1 << ib):
         raise DsqFormatError(f"tensor {name}: {entries} entries cannot cover {total} elements")

@@ -126,17 +126,19 @@ class Method(ABC):
     def apply(self, model: nn.Module, layers: dict[str, nn.Module]) -> None:
         """Put ``layers`` of ``model`` into this method's training form (in place)."""
 
-    def use_data(  # noqa: B027
-        self, data: Any, loss_fn: Callable[..., Any] | None = None, *,
-        train_size: int | None = None,
-    ) -> None:
+    def use_data(self, data: Any, loss_fn: Callable[..., Any] | None = None) -> None:  # noqa: B027
         """Training data for a method that measures something when applied (calibration,
         neuron importance): ``data`` is what the trainer takes (a Dataset, a DataLoader,
         ``(X, y)``; batches of ``(inputs, target)``), possibly a sample of the fine-tuning set
-        whose full size is ``train_size`` (None: ``data`` is all of it); ``loss_fn(outputs,
-        target)`` the loss (None: cross-entropy). The session hands the stage's data over
+        (see :meth:`use_train_size`); ``loss_fn(outputs, target)`` the loss (None:
+        cross-entropy). The session hands the stage's data over
         before :meth:`apply`; a method's own explicit data settings take precedence. Ignored by
         default."""
+
+    def use_train_size(self, size: int | None) -> None:  # noqa: B027
+        """The number of samples the stage fine-tunes on (None: unknown), for a method whose
+        loss term is per sample of the whole set (sparse-vd's KL); handed over after
+        :meth:`use_data`, whose data may be a sample of it. Ignored by default."""
 
     def step_hooks(self) -> list[StepHook]:
         """Hooks for the fine-tuning loop (e.g. a sparsity schedule); none by default."""

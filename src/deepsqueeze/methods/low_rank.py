@@ -558,8 +558,7 @@ class SparseSVD(Method):
         self._batch = batch_size
         return self
 
-    def use_data(self, data: Any, loss_fn: LossFn | None = None, *,
-                 train_size: int | None = None) -> None:
+    def use_data(self, data: Any, loss_fn: LossFn | None = None) -> None:
         """The stage's training data (its first ``calibration.samples`` or 1,000 samples) for
         importance ``activation``/``loss``, unless ``set_data`` or ``calibration`` says
         otherwise."""

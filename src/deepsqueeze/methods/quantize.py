@@ -451,7 +451,7 @@ class Quantize(Method):
         self._calibrated = False
         self._data: Any = None
 
-    def use_data(self, data: Any, loss_fn: Any = None, *, train_size: int | None = None) -> None:
+    def use_data(self, data: Any, loss_fn: Any = None) -> None:
         """Calibrate on the stage's training data when ``calibration.dataset`` is not set."""
         self._data = data
 

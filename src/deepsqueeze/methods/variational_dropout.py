@@ -126,8 +126,12 @@ class SparseVariationalDropout(Method):
         self._states: dict[str, _LayerState] = {}
         self._data_size: int | None = None
 
-    def use_data(self, data: Any, loss_fn: Any = None, *, train_size: int | None = None) -> None:
-        self._data_size = train_size if train_size is not None else sample_count(data)
+    def use_data(self, data: Any, loss_fn: Any = None) -> None:
+        self._data_size = sample_count(data)
+
+    def use_train_size(self, size: int | None) -> None:
+        if size is not None:
+            self._data_size = size
 
     @property
     def train_size(self) -> int:

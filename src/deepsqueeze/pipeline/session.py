@@ -123,6 +123,7 @@ class CompressionSession:
         self._finalized = False
         self.data: Any = None
         self.loss_fn: Callable[..., Any] | None = None
+        self.train_size: int | None = None
 
     def use_data(self, data: Any, loss_fn: Callable[..., Any] | None = None, *,
                  train_size: int | None = None) -> None:
@@ -168,7 +169,8 @@ class CompressionSession:
         layers = select_layers(self.model, method.params.layers, method.supported)
         check_finite(self.model, layers)
         if self.data is not None:
-            method.use_data(self.data, self.loss_fn, train_size=self.train_size)
+            method.use_data(self.data, self.loss_fn)
+            method.use_train_size(self.train_size)
         method.apply(self.model, layers)
         self.layers = layers
         self._hooks = method.step_hooks()

@@ -316,14 +316,27 @@ def decode_sparse(entry: dict[str, Any], sections: dict[str, bytes]) -> Compress
                        codebook=codebook, encoding=encoding)
 
 
+SPARSE_FROM_CODEBOOK = 0.8
+"""A ``codebook`` weight whose kept (non-zero) fraction is at most this runs as sparse entries."""
+
+
 def decode_codebook(entry: dict[str, Any], sections: dict[str, bytes]) -> CompressedMatrix:
-    """A dense ``codebook`` entry as a dense-rows compact matrix (symbols only, no fp32)."""
+    """A ``codebook`` entry as a dense-rows compact matrix (symbols only, no fp32); one whose
+    codebook holds 0 and at most :data:`SPARSE_FROM_CODEBOOK` of whose weights are non-zero
+    (a pruned layer) as its kept entries only."""
     name = _field(entry, "name", str, "?")
     shape = _field(entry, "shape", list, name)
     dtype = _field(entry, "dtype", str, name)
     rows, cols = matrix_shape(shape)
     codebook, symbols = _codebook_and_symbols(entry, sections, name, dtype, rows * cols, False)
     _check_finite(codebook, name)
+    zero = np.flatnonzero(codebook == 0)
+    if zero.size:  # a pruned layer whose zeros were cheapest as a codebook symbol (rANS): run
+        keep = ~np.isin(symbols, zero)  # only its kept weights, as from sparse positions
+        if keep.mean() <= SPARSE_FROM_CODEBOOK:
+            flat = np.flatnonzero(keep)
+            return from_coords(rows, cols, flat // cols, flat % cols, symbols=symbols[keep],
+                               codebook=codebook, encoding="codebook")
     row = np.repeat(np.arange(rows, dtype=np.int64), cols)
     col = np.tile(np.arange(cols, dtype=np.int64), rows)
     return from_coords(rows, cols, row, col, symbols=symbols, codebook=codebook,
