@@ -262,6 +262,31 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def runs_markdown(results: dict) -> str:
+    """Markdown: one row per run (seed), then each recipe's mean and spread over its seeds."""
+    lines = ["| recipe | seed | dense top-1 | file top-1 (points) | error % | file bytes | ratio "
+             "| target met | seconds |", "|---|---|---|---|---|---|---|---|---|"]
+    for _key, r in sorted(results["runs"].items()):
+        without = r.get("file_bytes_without_ans")
+        extra = f"; {without:,} without rANS" if without else ""
+        lines.append(
+            f"| {Path(r['recipe']).stem} | {r['seed']} | {100 * r['dense_accuracy']:.2f} % | "
+            f"{100 * r['file_accuracy']:.2f} % ({-r['accuracy_drop_points']:+.2f}) | "
+            f"{r['error_pct']:.2f} | {r['file_bytes']:,} ({r['manifest_bytes']} header+manifest"
+            f"{extra}) | **{r['ratio']:.1f}x** | {'yes' if r['meets_target'] else 'no'} | "
+            f"{r['pipeline_seconds']:.0f} / {r['pipeline_cpu_seconds']:.0f} |")
+    lines.append("")
+    for stem, m in sorted(results.get("summary", {}).items()):
+        lines.append(
+            f"`{stem}` over seeds {m['seeds']}: ratio {m['ratio_mean']:.1f}x (spread "
+            f"{m['ratio_spread']:.1f}), drop {m['drop_points_mean']:.2f} points (spread "
+            f"{m['drop_points_spread']:.2f}), error {m['error_pct_mean']:.2f} % (spread "
+            f"{m['error_pct_spread']:.2f}); seeds meeting the target: "
+            f"{m['seeds_meeting_target']}.")
+        lines.append("")
+    return "\n".join(lines).rstrip()
+
+
 def plot(results: dict, path: Path) -> None:
     """Test error against compression ratio: the papers' rows beside ours, per model."""
     import matplotlib
@@ -324,6 +349,8 @@ def main() -> None:
         results["summary"] = _summaries(results)
         _write_results(results)
         plot(results, PLOT)
+        print(runs_markdown(results))
+        print()
         print(table(results))
 
 
