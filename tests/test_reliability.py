@@ -38,6 +38,7 @@ from torch import nn
 
 from deepsqueeze import dsq, models
 from deepsqueeze.codec.container import dsq_bytes, parse_dsq
+from deepsqueeze.codec.options import EncodeOptions
 from deepsqueeze.data import ImageDataset
 from deepsqueeze.data.registry import DATASETS
 from deepsqueeze.errors import (
@@ -190,27 +191,34 @@ def _compressed(layers: dict[str, list[str] | None]) -> nn.Module:
 
 @functools.cache
 def real_files() -> dict[str, bytes]:
-    """Two real lenet300 .dsq files that together use all four tensor encodings.
+    """Three real lenet300 .dsq files that together use all four tensor encodings and all
+    three index codings.
 
-    ``all``: every layer pruned and shared (sparse-codebook, Huffman and fixed-width streams);
+    ``all``: every layer pruned and shared, written without rANS (sparse-codebook, Huffman and
+    fixed-width streams); ``ans``: the same model as every writer's default writes it (rANS
+    streams where smaller: the random masks make codebooks with a zero symbol win);
     ``mixed``: fc1 pruned (sparse), fc2 shared (codebook), fc3 untouched (dense).
     """
     out = {}
     with tempfile.TemporaryDirectory() as folder:
-        for key, layers in (("all", {"prune": None, "share": None}),
-                            ("mixed", {"prune": ["fc1"], "share": ["fc2"]})):
+        for key, layers, ans in (("all", {"prune": None, "share": None}, False),
+                                 ("ans", {"prune": None, "share": None}, True),
+                                 ("mixed", {"prune": ["fc1"], "share": ["fc2"]}, True)):
             path = Path(folder) / f"{key}.dsq"
-            dsq.save(_compressed(layers), path)
+            dsq.save(_compressed(layers), path, encode=EncodeOptions(ans=ans))
             out[key] = path.read_bytes()
     return out
 
 
 def test_the_real_files_load_and_use_every_encoding() -> None:
-    encodings = set()
+    encodings, codings = set(), set()
     for data in real_files().values():
         assert _check_file(data, "unmodified real file") == "ok"
-        encodings |= {t["encoding"] for t in parse_dsq(data).meta["tensors"]}
+        tensors = parse_dsq(data).meta["tensors"]
+        encodings |= {t["encoding"] for t in tensors}
+        codings |= {t.get(k) for t in tensors for k in ("index_coding", "value_coding")} - {None}
     assert encodings == {"dense", "codebook", "sparse", "sparse-codebook"}
+    assert codings == {"fixed", "huffman", "ans"}
 
 
 # ============================================================================ forged manifests
@@ -219,7 +227,7 @@ _INT = st.sampled_from([-1, 0, 1, 2, 3, 4, 7, 8, 15, 16, 17, 24, 31, 32, 33, 64,
                         2**16, 2**20, 2**31, 2**32, 2**62, 2**63 - 1, 2**64 - 1, 10**12]) | \
     st.integers(-(2**63), 2**64 - 1)
 _WORD = st.sampled_from(["dense", "codebook", "sparse", "sparse-codebook", "huffman", "fixed",
-                         "float32", "float16", "int64", "float64", "bool", "", "fc1.weight",
+                         "ans", "float32", "float16", "int64", "float64", "bool", "", "fc1.weight",
                          "fc1.bias", "deepsqueeze-model", "lenet300"])
 _VALUE = st.recursive(
     st.none() | st.booleans() | _INT | st.floats(allow_nan=False, allow_infinity=False)
@@ -379,7 +387,7 @@ _FORGERS = (_forge_tensor, _forge_tensor, _forge_table, _forge_spec, _forge_meta
 @HOSTILE
 def test_forged_manifests_give_a_format_error_or_a_valid_model(data: st.DataObject) -> None:
     """Semantic lies in a manifest with valid checksums: DsqFormatError, bounded, never a crash."""
-    f = parse_dsq(real_files()[data.draw(st.sampled_from(["all", "mixed"]))])
+    f = parse_dsq(real_files()[data.draw(st.sampled_from(["all", "ans", "mixed"]))])
     meta, sections = copy.deepcopy(f.meta), dict(f.sections)
     steps = [data.draw(st.sampled_from(_FORGERS))(data, meta, sections)
              for _ in range(data.draw(st.sampled_from([1, 1, 1, 2, 3])))]
@@ -468,7 +476,7 @@ def test_damaged_files_through_the_public_loader(data: st.DataObject,
                                                  tmp_path_factory: pytest.TempPathFactory
                                                  ) -> None:
     """Truncated, flipped, section-duplicated and section-reordered files, loaded from a path."""
-    original = real_files()[data.draw(st.sampled_from(["all", "mixed"]))]
+    original = real_files()[data.draw(st.sampled_from(["all", "ans", "mixed"]))]
     spans = _section_spans(original)
     buf = bytearray(original)
     how = data.draw(st.sampled_from(("truncate", "flip", "duplicate section", "reorder sections",
