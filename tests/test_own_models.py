@@ -611,3 +611,70 @@ def test_session_saves_a_zoo_model_by_its_spec(tmp_path):
     assert torch.equal(loaded.fc1.weight, net.fc1.weight)
     with pytest.raises(RecipeError, match="written for model 'lenet5'"):
         prepare(deepsqueeze.models.create("lenet300"), {**recipe, "model": "lenet5"})
+
+
+# ------------------------------------------------------------------------------------ teacher
+
+
+def _tabular() -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(256, 10, generator=gen)
+    return x, (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+
+
+DISTIL = {"name": "distil", "stages": [
+    {"method": "prune", "params": {"sparsity": 0.5},
+     "finetune": {"epochs": 3, "lr": 0.05, "batch_size": 32, "device": "cpu", "distill": 1.0}}]}
+
+
+class ConstantTeacher(nn.Module):
+    """Another architecture with the same outputs: always very sure of class 2."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tensor([0.0, 0.0, 20.0]).expand(len(x), 3)
+
+
+def test_a_given_teacher_is_the_one_distilled_from(tmp_path: Path) -> None:
+    x, y = _tabular()
+    torch.manual_seed(0)
+    student = nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 3))
+    result = deepsqueeze.compress(student, DISTIL, train_data=(x, y), eval_data=(x, y),
+                                  teacher=ConstantTeacher(), progress=False)
+    assert result.teacher == "ConstantTeacher module" and result.to_dict()["teacher"]
+    with torch.no_grad():  # pure distillation (distill 1.0) from a teacher that says "2"
+        assert float((student(x).argmax(1) == 2).float().mean()) > 0.9
+    torch.manual_seed(0)
+    own = nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 3))
+    assert deepsqueeze.compress(own, DISTIL, train_data=(x, y),
+                                progress=False).teacher == "the model before compression"
+
+
+def test_a_teacher_from_a_file_or_the_recipe_and_its_refusals(tmp_path: Path) -> None:
+    import deepsqueeze.models as zoo
+    from deepsqueeze.io import save_model
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 1, 28, 28, generator=gen)
+    y = torch.randint(0, 10, (64,), generator=gen)
+    teacher_file = tmp_path / "teacher.pt"
+    save_model(zoo.create("lenet5"), teacher_file)
+    recipe = {**DISTIL, "teacher": str(teacher_file)}
+    result = deepsqueeze.compress(zoo.create("lenet300"), recipe, train_data=(x, y),
+                                  progress=False, out=tmp_path / "m.dsq")
+    assert result.teacher == str(teacher_file)
+    as_dsq = deepsqueeze.compress(zoo.create("lenet300"), DISTIL, train_data=(x, y),
+                                  progress=False, teacher=tmp_path / "m.dsq")
+    assert as_dsq.teacher.endswith("m.dsq")  # a compressed file teaches too
+    with pytest.raises(ModelError, match="teacher's outputs have shape"):
+        deepsqueeze.compress(zoo.create("lenet300"), DISTIL, train_data=(x, y), progress=False,
+                             teacher=zoo.create("lenet300", num_classes=7))
+    with pytest.raises(OptionError, match="is not a file"):
+        deepsqueeze.compress(zoo.create("lenet300"), DISTIL, train_data=(x, y), progress=False,
+                             teacher=tmp_path / "missing.pt")
+    plain = {"name": "p", "stages": [{"method": "prune", "params": {"sparsity": 0.5}}]}
+    with pytest.raises(OptionError, match="no stage distils"):
+        deepsqueeze.compress(zoo.create("lenet300"), plain, train_data=(x, y), progress=False,
+                             teacher=teacher_file)
+    with pytest.raises(RecipeError, match="teacher"):
+        deepsqueeze.compress(zoo.create("lenet300"), {**DISTIL, "teacher": ""},
+                             train_data=(x, y), progress=False)

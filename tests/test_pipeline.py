@@ -15,6 +15,7 @@ from deepsqueeze.cli import app
 from deepsqueeze.codec.options import EncodeOptions
 from deepsqueeze.dsq import inspect, load, save
 from deepsqueeze.errors import ModelError, RecipeError
+from deepsqueeze.io import save_model
 from deepsqueeze.methods.base import create_method, select_layers
 from deepsqueeze.pipeline import load_recipe, parse_recipe
 
@@ -188,3 +189,31 @@ def test_cli_train_compress_inspect_evaluate(tmp_path):
     numbers = json.loads((tmp_path / "e.json").read_text())
     assert numbers["file_bytes"] == (tmp_path / "m.dsq").stat().st_size
     assert inspect(tmp_path / "m.dsq").file_bytes == numbers["file_bytes"]
+
+
+@needs_mnist
+def test_cli_compress_with_a_teacher(tmp_path):
+    """--teacher: the distilling stages learn from the given model file (recorded in --json);
+    a teacher whose outputs do not fit is refused with a message."""
+    torch.manual_seed(0)
+    teacher = tmp_path / "teacher.pt"
+    save_model(models.create("lenet5"), teacher)
+    student = tmp_path / "student.pt"
+    save_model(models.create("lenet300"), student)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(json.dumps({"name": "d", "dataset": "mnist", "stages": [
+        {"method": "prune", "params": {"sparsity": 0.5},
+         "finetune": {"epochs": 0.2, "lr": 0.05, "distill": 0.5}}]}))
+    runner = CliRunner()
+    res = runner.invoke(app, ["compress", str(student), "--recipe", str(recipe), "--out",
+                              str(tmp_path / "m.dsq"), "--subset", "1000", "--teacher",
+                              str(teacher), "--no-progress", "--json", str(tmp_path / "c.json")])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "c.json").read_text())["teacher"] == str(teacher)
+    save_model(models.create("lenet300", num_classes=5), tmp_path / "bad.pt")
+    res = runner.invoke(app, ["compress", str(student), "--recipe", str(recipe), "--out",
+                              str(tmp_path / "n.dsq"), "--subset", "1000", "--teacher",
+                              str(tmp_path / "bad.pt"), "--no-progress"])
+    assert res.exit_code != 0
+    assert "teacher's outputs have shape" in res.output + str(res.exception)
+    assert not (tmp_path / "n.dsq").exists()

@@ -414,6 +414,12 @@ def compress(
     model_args: ModelArgs = None,
     data: UserDataOpt = None,
     image_size: ImageSize = None,
+    teacher: Annotated[
+        Path | None, typer.Option(help="Distillation teacher for stages with finetune.distill: "
+                                       "a zoo model.pt or a .dsq giving the same outputs "
+                                       "(default: the recipe's teacher, else the model before "
+                                       "compression).")
+    ] = None,
 ) -> None:
     """Run a recipe (prune → fine-tune → share → fine-tune → encode) and write a .dsq file,
     with its numbers and recipe beside it (<stem>.json, <stem>.recipe.yaml) for `report`.
@@ -424,8 +430,8 @@ def compress(
     from deepsqueeze.pipeline import compress as run_compress
     from deepsqueeze.pipeline.runner import run_record_paths
 
-    _check_outputs(json_out, [model_file, recipe], out=out)
-    check_output_file(out, inputs=[model_file, recipe, data])  # before any work
+    _check_outputs(json_out, [model_file, recipe, teacher], out=out)
+    check_output_file(out, inputs=[model_file, recipe, data, teacher])  # before any work
     user = _user_data(data, image_size, dataset)
     from deepsqueeze.io import load_model
 
@@ -440,7 +446,8 @@ def compress(
         own = {"train_data": train_set, "eval_data": user.test,
                "extra_meta": {"data": user.source}}
     result = run_compress(source, recipe, dataset=dataset, out=out, data_dir=data_dir,
-                          subset=subset if user is None else None, progress=progress, **own)
+                          subset=subset if user is None else None, progress=progress,
+                          teacher=teacher, **own)
     scored_on = f" on the {user.test_label}" if user is not None else ""
     stages = Table(title=f"recipe {result.recipe.name}")
     for col in ("stage", "layers", "fine-tune epochs", f"accuracy{scored_on}", "seconds"):

@@ -73,6 +73,12 @@ class Recipe(BaseModel):
     seed: int = Field(0, ge=0, le=MAX_SEED)
     stages: list[Stage] = Field(min_length=1)
     encode: EncodeOptions = Field(default_factory=EncodeOptions)
+    teacher: str | None = Field(
+        None, min_length=1, max_length=4096,
+        description="the stages' distillation teacher (finetune.distill > 0): a model file "
+        "(model.pt from `train`, or a .dsq) giving the same outputs as the model, e.g. a larger "
+        "network; relative paths are taken from the working directory. Default: the model as "
+        "it was before the first stage")
 
     def methods(self) -> list[Method]:
         """Instantiate (and so validate) every stage's method."""

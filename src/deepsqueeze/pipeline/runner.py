@@ -83,10 +83,12 @@ class CompressResult:
     baseline_metric: float | None = None
     file_metric: float | None = None
     metric_name: str = "accuracy"
+    teacher: str | None = None  # what the distilling stages learned from (None: no distillation)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "recipe": self.recipe.model_dump(),
+            "teacher": self.teacher,
             "baseline_accuracy": self.baseline_accuracy,
             "baseline_metric": self.baseline_metric,
             "metric_name": self.metric_name,
@@ -228,6 +230,43 @@ def _scorer(
     return user
 
 
+def _teacher(source: nn.Module | str | Path, model: nn.Module, example: Inputs | None) -> nn.Module:
+    """The distillation teacher: a module, or loaded from a model.pt / .dsq file; checked to
+    give outputs of the model's shape on the example inputs."""
+    if isinstance(source, nn.Module):
+        net = source
+    elif isinstance(source, (str, Path)):
+        path = Path(source)
+        if not path.is_file():
+            raise OptionError(
+                f"teacher {str(path)!r} is not a file: give a model.pt from `deepsqueeze train` "
+                "or a .dsq file (relative paths are taken from the working directory)"
+            )
+        if path.suffix == ".dsq":
+            from deepsqueeze.dsq import load as load_dsq
+
+            net = load_dsq(path)
+        else:
+            net = load_model(path)
+    else:
+        raise OptionError(f"teacher must be an nn.Module or a model file path, got "
+                          f"{short_repr(source)}")
+    net = net.eval()
+    if example is not None:
+        xs = example if isinstance(example, tuple) else (example,)
+        with torch.no_grad():
+            was = model.training
+            got, want = net(*xs), model.eval()(*xs)
+            model.train(was)
+        if getattr(got, "shape", None) != getattr(want, "shape", None):
+            raise ModelError(
+                f"the teacher's outputs have shape {tuple(getattr(got, 'shape', ()))}, the "
+                f"model's {tuple(getattr(want, 'shape', ()))}: a distillation teacher must give "
+                "the same outputs (e.g. the same classes)"
+            )
+    return net
+
+
 def _metric_name(metric: Metric) -> str:
     return str(getattr(metric, "__name__", type(metric).__name__))
 
@@ -250,13 +289,15 @@ def compress(
     callbacks: Sequence[Any] = (),
     accuracy_floor: float | None = None,
     extra_meta: dict[str, Any] | None = None,
+    teacher: nn.Module | str | Path | None = None,
 ) -> CompressResult:
     """Apply ``recipe`` to ``model``: any ``nn.Module`` (a zoo model, the user's own) or a
     model.pt path.
 
     Each stage applies its method to its selected layers, then fine-tunes with the stage's
     settings through :func:`deepsqueeze.training.fit`; with ``distill`` the teacher is the model
-    as it was before the first stage.
+    as it was before the first stage, or ``teacher`` (a module, or a model.pt / .dsq path;
+    default: the recipe's ``teacher``), which must give outputs of the model's shape.
 
     Data: ``dataset`` names a built-in dataset (default: the recipe's); or ``train_data`` /
     ``eval_data`` are the user's own (a Dataset of ``(inputs, target)``, a DataLoader, a pair
@@ -334,7 +375,21 @@ def compress(
                             baseline_metric=value, metric_name=name)
     # fine-tuning stages with `distill` learn from the model as it was before compression
     distilling = any(s.finetune is not None and s.finetune.distill > 0 for s in recipe.stages)
-    teacher = copy.deepcopy(model).eval() if distilling else None
+    teacher_source = teacher if teacher is not None else recipe.teacher
+    teacher_model: nn.Module | None = None
+    if teacher_source is not None:
+        if not distilling:
+            raise OptionError(
+                "a teacher is given but no stage distils: set finetune.distill > 0 in the "
+                "stages that should learn from it, or drop the teacher"
+            )
+        teacher_model = _teacher(teacher_source, model, example_inputs)
+    elif distilling:
+        teacher_model = copy.deepcopy(model).eval()
+    result.teacher = (None if teacher_model is None else "the model before compression"
+                      if teacher_source is None else str(teacher_source)
+                      if isinstance(teacher_source, (str, Path))
+                      else f"{type(teacher_source).__name__} module")
     torch.manual_seed(recipe.seed)
     for index, stage in enumerate(recipe.stages):
         t0 = time.perf_counter()
@@ -354,7 +409,7 @@ def compress(
                 loss_terms=[session.fit_loss_term],
                 progress=progress,
                 description=f"stage {index + 1} {stage.label}",
-                teacher=teacher,
+                teacher=teacher_model,
                 loss_fn=loss_fn,
                 metric=metric,
             )
