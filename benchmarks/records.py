@@ -104,8 +104,17 @@ def run_record(stem: str, seed: int, dense_path: Path) -> dict:
     dense_bytes = dense_fp32_bytes(dense)  # before compress: channel pruning shrinks the model
     OUT.mkdir(parents=True, exist_ok=True)
     path = OUT / f"{stem}-s{seed}.dsq"
+    teacher = None
+    if recipe.teacher is not None:  # a recipe's relative teacher path is the repository's
+        teacher = Path(recipe.teacher) if Path(recipe.teacher).is_absolute() else \
+            ROOT / recipe.teacher
+        if not teacher.is_file():
+            sys.exit(f"{stem} distils from {recipe.teacher}, which is missing: train it first "
+                     "(deepsqueeze train --model lenet5 --dataset mnist --seed 0 --out "
+                     "runs/rec-lenet5)")
     t0, c0 = time.perf_counter(), time.process_time()
-    result = deepsqueeze.compress(dense, recipe, dataset=dataset, out=path, progress=False)
+    result = deepsqueeze.compress(dense, recipe, dataset=dataset, out=path, progress=False,
+                                  teacher=teacher)
     seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     stored = read_dsq(path)
     size, plain_manifest = stored.file_size, _plain_manifest_size(stored)
@@ -119,6 +128,7 @@ def run_record(stem: str, seed: int, dense_path: Path) -> dict:
     report = dsq.inspect(path).to_dict()
     return {
         "recipe": f"recipes/{stem}.yaml",
+        "teacher": recipe.teacher or "the dense model",
         "model": model_name,
         "dataset": dataset,
         "seed": seed,

@@ -23,6 +23,7 @@ from deepsqueeze.methods import create_method, select_layers
 from deepsqueeze.methods.pruning import PruningMask
 from deepsqueeze.methods.variational_dropout import kl_divergence, log_alpha
 from deepsqueeze.pipeline import CompressionSession
+from deepsqueeze.runtime import load_runtime
 from deepsqueeze.training import fit
 from deepsqueeze.training.loop import TrainConfig
 
@@ -127,8 +128,10 @@ def test_fit_with_the_kl_term_prunes_and_finalize_leaves_a_plain_masked_layer(
     entries = {t["name"]: t for t in read_dsq(path).meta["tensors"]}
     assert entries["1.weight"]["encoding"].startswith("sparse")
     back = dsq.load(path, model=_mlp())
+    runtime = load_runtime(path, model=_mlp())  # the sparse executors run the pruned layers
     with torch.no_grad():
         assert torch.allclose(back(x), model(x), atol=1e-6)
+        assert torch.allclose(runtime(x), model(x), atol=1e-5)
 
 
 def test_composes_after_prune_and_refuses_what_it_cannot_handle() -> None:
