@@ -386,10 +386,10 @@ def compress(
         teacher_model = _teacher(teacher_source, model, example_inputs)
     elif distilling:
         teacher_model = copy.deepcopy(model).eval()
-    result.teacher = (None if teacher_model is None else "the model before compression"
-                      if teacher_source is None else str(teacher_source)
-                      if isinstance(teacher_source, (str, Path))
-                      else f"{type(teacher_source).__name__} module")
+    if teacher_model is not None:
+        result.teacher = ("the model before compression" if teacher_source is None
+                          else f"{type(teacher_source).__name__} module"
+                          if isinstance(teacher_source, nn.Module) else str(teacher_source))
     torch.manual_seed(recipe.seed)
     for index, stage in enumerate(recipe.stages):
         t0 = time.perf_counter()
