@@ -80,6 +80,20 @@ def _mask_param(module: nn.Module, tensor: str = "weight") -> PruningMask | None
     return None
 
 
+def plain_or_pruned(module: nn.Module, name: str, method: str, hint: str) -> PruningMask | None:
+    """The :class:`PruningMask` of a layer whose weight is plain (None) or only pruned; a
+    ``ModelError`` naming ``method`` and ``hint`` for any other parametrization."""
+    if not parametrize.is_parametrized(module, "weight"):
+        return None
+    chain = list(module.parametrizations.weight)
+    if len(chain) == 1 and isinstance(chain[0], PruningMask):
+        return chain[0]
+    raise ModelError(
+        f"layer {name!r}: {method} works on plain or pruned weights, this one is parametrized "
+        f"by {[type(p).__name__ for p in chain]}; {hint}"
+    )
+
+
 def masked_layers(model: nn.Module, tensor: str = "weight") -> dict[str, nn.Module]:
     """The modules of ``model`` whose ``tensor`` carries a :class:`PruningMask`, by name."""
     return {n: m for n, m in model.named_modules() if _mask_param(m, tensor) is not None}

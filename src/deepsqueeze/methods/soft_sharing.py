@@ -30,7 +30,6 @@ from typing import Any
 import torch
 from pydantic import Field
 from torch import nn
-from torch.nn.utils import parametrize
 
 from deepsqueeze.errors import ModelError
 from deepsqueeze.methods.base import (
@@ -41,7 +40,7 @@ from deepsqueeze.methods.base import (
     per_layer,
     register_method,
 )
-from deepsqueeze.methods.pruning import PruningMask
+from deepsqueeze.methods.pruning import plain_or_pruned
 
 
 class GaussianMixturePrior:
@@ -105,16 +104,11 @@ class GaussianMixturePrior:
 
 def _storage(name: str, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(the tensor the optimizer trains, the kept-positions mask or None) of a layer."""
-    if not parametrize.is_parametrized(module, "weight"):
+    mask = plain_or_pruned(module, name, "soft-share",
+                           "apply soft-share before share/quantize, or instead of share")
+    if mask is None:
         return module.weight, None
-    chain = list(module.parametrizations.weight)
-    if len(chain) == 1 and isinstance(chain[0], PruningMask):
-        return module.parametrizations.weight.original, chain[0].mask
-    kinds = [type(p).__name__ for p in chain]
-    raise ModelError(
-        f"layer {name!r}: soft-share works on plain or pruned weights, this one is "
-        f"parametrized by {kinds}; apply soft-share before share/quantize, or instead of share"
-    )
+    return module.parametrizations.weight.original, mask.mask
 
 
 class SoftSharingParams(MethodParams):

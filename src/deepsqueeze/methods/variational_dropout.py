@@ -35,7 +35,7 @@ from torch.nn.utils import parametrize
 from deepsqueeze.data.loaders import sample_count
 from deepsqueeze.errors import ModelError
 from deepsqueeze.methods.base import LossTerm, Method, MethodParams, register_method
-from deepsqueeze.methods.pruning import PruningMask
+from deepsqueeze.methods.pruning import PruningMask, plain_or_pruned
 
 # The paper's fit of -KL(q || log-uniform prior) as a function of log α (its eq. 14).
 _K1, _K2, _K3 = 0.63576, 1.87320, 1.48695
@@ -147,14 +147,7 @@ class SparseVariationalDropout(Method):
         for name, module in layers.items():  # validate everything before changing anything
             if hasattr(module, "log_sigma2"):
                 raise ModelError(f"layer {name!r} already has a log_sigma2 (sparse-vd twice?)")
-            if parametrize.is_parametrized(module, "weight"):
-                chain = list(module.parametrizations.weight)
-                if not (len(chain) == 1 and isinstance(chain[0], PruningMask)):
-                    kinds = [type(p).__name__ for p in chain]
-                    raise ModelError(
-                        f"layer {name!r}: sparse-vd works on plain or pruned weights, this one "
-                        f"is parametrized by {kinds}; apply sparse-vd before share/quantize"
-                    )
+            plain_or_pruned(module, name, "sparse-vd", "apply sparse-vd before share/quantize")
         self.train_size  # noqa: B018 (raises now, not at the first batch)
         self._states = {
             name: _LayerState(module, self.params.init_log_sigma2, self.params.threshold)
@@ -187,9 +180,9 @@ class SparseVariationalDropout(Method):
                     raise ModelError(f"layer {name!r}: weights became NaN/inf in fine-tuning")
                 keep = state.keep()
                 state.remove()
-                if parametrize.is_parametrized(module, "weight"):
-                    mask = module.parametrizations.weight[0].mask
-                    mask.copy_(mask & keep)
+                pruned = plain_or_pruned(module, name, "sparse-vd", "")
+                if pruned is not None:
+                    pruned.mask.copy_(pruned.mask & keep)
                 else:
                     module.weight.mul_(keep)
                     parametrize.register_parametrization(module, "weight", PruningMask(keep))

@@ -242,12 +242,9 @@ def _teacher(source: nn.Module | str | Path, model: nn.Module, example: Inputs |
                 f"teacher {str(path)!r} is not a file: give a model.pt from `deepsqueeze train` "
                 "or a .dsq file (relative paths are taken from the working directory)"
             )
-        if path.suffix == ".dsq":
-            from deepsqueeze.dsq import load as load_dsq
+        from deepsqueeze.dsq import load_model_or_dsq
 
-            net = load_dsq(path)
-        else:
-            net = load_model(path)
+        net = load_model_or_dsq(path)
     else:
         raise OptionError(f"teacher must be an nn.Module or a model file path, got "
                           f"{short_repr(source)}")
@@ -406,7 +403,7 @@ def compress(
                 cfg,
                 test_set=None,
                 step_hooks=[session.fit_hook],
-                loss_terms=[session.fit_loss_term],
+                loss_terms=[session.fit_loss_term] if session.has_loss_term else [],
                 progress=progress,
                 description=f"stage {index + 1} {stage.label}",
                 teacher=teacher_model,

@@ -191,6 +191,12 @@ class CompressionSession:
             hook(self.steps, self.model)
         self.steps += 1
 
+    @property
+    def has_loss_term(self) -> bool:
+        """Whether the current stage's method adds anything to the loss (loops may skip
+        :meth:`loss_term` otherwise)."""
+        return bool(self._terms)
+
     def loss_term(self) -> torch.Tensor:
         """What the current stage's method adds to the loss of the next batch (e.g. sparse
         variational dropout's KL divergence; a zero tensor for most methods): in your own loop,
